@@ -1,0 +1,137 @@
+"""Time discretization: the noise levels sigma_0 > ... > sigma_{N-1} a sampler visits (Table 1).
+
+Each discretization knows its default noise range; `noise_range` fills in the defaults and
+clamps them to what the denoiser supports, as the reference sampler does.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from edm_lab.design.schedules import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_S, VPSchedule
+
+
+def _fractions(num_steps: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """i / (N - 1) for i < N; a single step sits at sigma_max."""
+    step_indices = torch.arange(num_steps, dtype=dtype, device=device)
+    return step_indices / max(num_steps - 1, 1)
+
+
+def _check_range(sigma_min: float | None, sigma_max: float | None) -> None:
+    if sigma_min is not None and sigma_min <= 0:
+        raise ValueError(f"discretization.sigma_min must be > 0, got {sigma_min}")
+    if sigma_min is not None and sigma_max is not None and sigma_min >= sigma_max:
+        raise ValueError(f"discretization.sigma_min ({sigma_min}) must be < discretization.sigma_max ({sigma_max})")
+
+
+class Discretization:
+    """Base: an optional user noise range over the discretization's own defaults."""
+
+    default_sigma_min: float
+    default_sigma_max: float
+
+    def __init__(self, sigma_min: float | None = None, sigma_max: float | None = None) -> None:
+        _check_range(sigma_min, sigma_max)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def noise_range(self, net_sigma_min: float = 0.0, net_sigma_max: float = math.inf) -> tuple[float, float]:
+        """(sigma_min, sigma_max): defaults filled in, then clamped to the denoiser's range."""
+        sigma_min = self.default_sigma_min if self.sigma_min is None else self.sigma_min
+        sigma_max = self.default_sigma_max if self.sigma_max is None else self.sigma_max
+        sigma_min, sigma_max = max(sigma_min, net_sigma_min), min(sigma_max, net_sigma_max)
+        if not sigma_min < sigma_max:
+            raise ValueError(f"noise range [{sigma_min}, {sigma_max}] is empty after clamping to the "
+                             f"denoiser's [{net_sigma_min}, {net_sigma_max}]")
+        return sigma_min, sigma_max
+
+    def sigma_steps(self, num_steps: int, sigma_min: float, sigma_max: float,
+                    dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+        """The N noise levels, decreasing from sigma_max to sigma_min (before rounding)."""
+        raise NotImplementedError
+
+
+class VPDiscretization(Discretization):
+    """Uniform in t from 1 down to epsilon_s, through the VP schedule fitted to the range."""
+
+    def __init__(self, sigma_min: float | None = None, sigma_max: float | None = None,
+                 epsilon_s: float = VP_EPSILON_S) -> None:
+        super().__init__(sigma_min, sigma_max)
+        if not 0 < epsilon_s < 1:
+            raise ValueError(f"discretization.epsilon_s must lie in (0, 1), got {epsilon_s}")
+        self.epsilon_s = epsilon_s
+        default = VPSchedule(VP_BETA_D, VP_BETA_MIN)
+        self.default_sigma_min = default.sigma(epsilon_s)
+        self.default_sigma_max = default.sigma(1.0)
+
+    def sigma_steps(self, num_steps, sigma_min, sigma_max, dtype=torch.float64, device="cpu"):
+        orig_t_steps = 1 + _fractions(num_steps, dtype, device) * (self.epsilon_s - 1)
+        return VPSchedule.from_range(sigma_min, sigma_max, self.epsilon_s).sigma(orig_t_steps)
+
+
+class VEDiscretization(Discretization):
+    """Geometric in sigma^2 (= t of the VE schedule) from sigma_max^2 to sigma_min^2."""
+
+    default_sigma_min = 0.02
+    default_sigma_max = 100.0
+
+    def sigma_steps(self, num_steps, sigma_min, sigma_max, dtype=torch.float64, device="cpu"):
+        orig_t_steps = (sigma_max ** 2) * ((sigma_min ** 2 / sigma_max ** 2) ** _fractions(num_steps, dtype, device))
+        return orig_t_steps.sqrt()
+
+
+def iddpm_noise_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008,
+                       dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+    """The iDDPM table u_0 > ... > u_M = 0 of noise levels of the cosine schedule."""
+    u = torch.zeros(M + 1, dtype=dtype, device=device)
+    for j in range(M, 0, -1):  # u_{j-1} from u_j, as the recursion runs downward
+        u[j - 1] = ((u[j] ** 2 + 1) / (iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)).clip(min=C_1) - 1).sqrt()
+    return u
+
+
+def iddpm_alpha_bar(j, M: int, C_2: float) -> Tensor:
+    """abar_j = sin^2(pi/2 * j / (M (C_2 + 1)))."""
+    j = torch.as_tensor(j)
+    return (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+
+
+class IDDPMDiscretization(Discretization):
+    """N levels picked at evenly rounded positions of the iDDPM table inside the range."""
+
+    default_sigma_min = 0.002
+    default_sigma_max = 81.0
+
+    def __init__(self, sigma_min: float | None = None, sigma_max: float | None = None,
+                 C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> None:
+        super().__init__(sigma_min, sigma_max)
+        if M < 1:
+            raise ValueError(f"discretization.M must be >= 1, got {M}")
+        self.C_1, self.C_2, self.M = C_1, C_2, M
+
+    def sigma_steps(self, num_steps, sigma_min, sigma_max, dtype=torch.float64, device="cpu"):
+        u = iddpm_noise_levels(self.M, self.C_1, self.C_2, dtype=dtype, device=device)
+        u_filtered = u[torch.logical_and(u >= sigma_min, u <= sigma_max)]
+        if len(u_filtered) == 0:
+            raise ValueError(f"no iDDPM noise level lies in [{sigma_min}, {sigma_max}]")
+        positions = ((len(u_filtered) - 1) * _fractions(num_steps, dtype, device)).round().to(torch.int64)
+        return u_filtered[positions]
+
+
+class EDMDiscretization(Discretization):
+    """sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+
+    default_sigma_min = 0.002
+    default_sigma_max = 80.0
+
+    def __init__(self, sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0) -> None:
+        super().__init__(sigma_min, sigma_max)
+        if not rho > 0:
+            raise ValueError(f"discretization.rho must be > 0, got {rho}")
+        self.rho = rho
+
+    def sigma_steps(self, num_steps, sigma_min, sigma_max, dtype=torch.float64, device="cpu"):
+        rho = self.rho
+        return (sigma_max ** (1 / rho) + _fractions(num_steps, dtype, device)
+                * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho

@@ -1,0 +1,126 @@
+"""Network preconditioning (Table 1, Section 5): D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+
+Each preconditioner wraps an inner network F (`model`, any module called as
+F(x, c_noise, class_labels=..., **kwargs)) and declares the noise range it supports and its
+rounding of sigma. Arithmetic is float32 like the reference, so that parameter names
+(`model.*`, `u`) and numerics match its networks. `model` may be omitted when only the
+noise-level interface (sigma_min, sigma_max, round_sigma, coefficients) is wanted.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from edm_lab.design.discretizations import iddpm_alpha_bar
+from edm_lab.design.schedules import VP_BETA_D, VP_BETA_MIN
+
+
+class Precond(nn.Module):
+    """Base: the forward pass shared by every preconditioner."""
+
+    sigma_min: float
+    sigma_max: float
+
+    def __init__(self, model: nn.Module | None = None, img_channels: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.img_channels = img_channels
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in, c_noise) at `sigma`."""
+        raise NotImplementedError
+
+    def round_sigma(self, sigma: Tensor) -> Tensor:
+        """Continuous preconditioners take sigma as it is."""
+        return torch.as_tensor(sigma)
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **model_kwargs) -> Tensor:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} has no inner network: pass model=...")
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model(c_in * x, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        if self.img_channels is not None:
+            F_x = F_x[:, :self.img_channels]  # ADM-style nets also predict a variance: drop it
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+class VPPrecond(Precond):
+    """c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1), c_noise = (M - 1) sigma^-1(sigma)."""
+
+    def __init__(self, model: nn.Module | None = None, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN,
+                 M: int = 1000, epsilon_t: float = 1e-5, img_channels: int | None = None) -> None:
+        super().__init__(model, img_channels)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        self.sigma_min = float(self.sigma(epsilon_t))
+        self.sigma_max = float(self.sigma(1))
+
+    def sigma(self, t) -> Tensor:
+        t = torch.as_tensor(t)
+        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma) -> Tensor:
+        sigma = torch.as_tensor(sigma)
+        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+
+    def coefficients(self, sigma):
+        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+
+
+class VEPrecond(Precond):
+    """c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2)."""
+
+    def __init__(self, model: nn.Module | None = None, sigma_min: float = 0.02, sigma_max: float = 100.0,
+                 img_channels: int | None = None) -> None:
+        super().__init__(model, img_channels)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def coefficients(self, sigma):
+        return 1, sigma, 1, (0.5 * sigma).log()
+
+
+class IDDPMPrecond(Precond):
+    """c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1), c_noise = M - 1 - argmin_j |u_j - sigma|."""
+
+    def __init__(self, model: nn.Module | None = None, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
+                 img_channels: int | None = None) -> None:
+        super().__init__(model, img_channels)
+        self.C_1, self.C_2, self.M = C_1, C_2, M
+        # float32 table, as the reference stores it in its checkpoints
+        u = torch.zeros(M + 1)
+        for j in range(M, 0, -1):
+            u[j - 1] = ((u[j] ** 2 + 1) / (iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)).clip(min=C_1) - 1).sqrt()
+        self.register_buffer("u", u)
+        self.sigma_min = float(u[M - 1])
+        self.sigma_max = float(u[0])
+
+    def coefficients(self, sigma):
+        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
+
+    def round_sigma(self, sigma, return_index: bool = False) -> Tensor:
+        """The nearest table level u_j (or its index j)."""
+        sigma = torch.as_tensor(sigma)
+        index = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1),
+                            self.u.reshape(1, -1, 1)).argmin(2)
+        result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
+        return result.reshape(sigma.shape).to(sigma.device)
+
+
+class EDMPrecond(Precond):
+    """c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2), c_noise = ln(sigma)/4."""
+
+    def __init__(self, model: nn.Module | None = None, sigma_min: float = 0.0, sigma_max: float = math.inf,
+                 sigma_data: float = 0.5, img_channels: int | None = None) -> None:
+        super().__init__(model, img_channels)
+        if sigma_data <= 0:
+            raise ValueError(f"precond.sigma_data must be > 0, got {sigma_data}")
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+
+    def coefficients(self, sigma):
+        sd = self.sigma_data
+        return (sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt(),
+                1 / (sd ** 2 + sigma ** 2).sqrt(), sigma.log() / 4)
