@@ -59,3 +59,8 @@ class IdealDenoiser(nn.Module):
             weighted = weighted * rescale + w @ y
             running_max = new_max
         return (weighted / weight_sum).reshape(batch, *self.sample_shape)
+
+
+def ideal_denoiser(dataset, precond: nn.Module | None = None, chunk_size: int = 4096) -> IdealDenoiser:
+    """The ideal denoiser of a dataset's samples, with the noise levels of `precond`."""
+    return IdealDenoiser(dataset.samples, noise_levels=precond, chunk_size=chunk_size)

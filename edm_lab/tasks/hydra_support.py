@@ -1,0 +1,75 @@
+"""The Hydra edge: resolvers, task dispatch and the report callback. Nothing here does math."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def sweep_id() -> str:
+    """Name shared by every job of one multirun (its sweep folder), or of the single run."""
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return "/".join(Path(hc.sweep.dir).parts[-2:])
+    return "/".join(Path(hc.run.dir).parts[-2:])
+
+
+def register_resolvers() -> None:
+    """`${sweep_id:}` for the W&B group."""
+    if not OmegaConf.has_resolver("sweep_id"):
+        OmegaConf.register_new_resolver("sweep_id", sweep_id)
+
+
+def run_task(cfg: DictConfig) -> Any:
+    """Dispatch on `task.name` with the job's Hydra choices and overrides."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    name = cfg.task.name
+    if name == "sample":
+        from edm_lab.tasks.sample import run_sample
+
+        hc = HydraConfig.get()
+        choices = {k: v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra")}
+        return run_sample(cfg, choices, list(hc.overrides.task), sweep=sweep_id(), project_root=PROJECT_ROOT)
+    if name == "report":
+        return regenerate_report(cfg)
+    raise ValueError(f"task.name={name!r} is not a task here (sample, report)")
+
+
+def regenerate_report(cfg: DictConfig) -> Path:
+    """Rewrite the report folder from every row in the results store."""
+    from edm_lab.report.report import write_report
+    from edm_lab.track.store import ResultsStore
+
+    metrics = cfg.task.get("metrics") if cfg.task.name == "report" else None
+    path = write_report(ResultsStore(cfg.paths.results_dir).load(), cfg.paths.reports_dir,
+                        metrics=list(metrics) if metrics else None)
+    print(f"report: {path}")
+    return path
+
+
+class RegenerateReport(Callback):
+    """Regenerates the report once a run, or a whole multirun, has ended."""
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.task.name != "report":
+            self._write(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._write(config)
+
+    @staticmethod
+    def _write(config: DictConfig) -> None:
+        try:
+            if not HydraConfig.initialized():  # callbacks run outside the job, where ${hydra:} needs it set
+                HydraConfig.instance().set_config(config)
+            regenerate_report(config)
+        except Exception as exc:  # noqa: BLE001 - a report failure must not hide the jobs' own outcome
+            log.error("report not regenerated: %s (run `python run.py task=report`)", exc)

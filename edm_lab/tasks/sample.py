@@ -1,0 +1,169 @@
+"""The sampling task: one point of the design grid, evaluated at every step count of its NFE list.
+
+Each (configuration, num_steps) becomes one result row, written atomically to the local
+store once all its metrics are known, then logged to the tracker. Rows already stored are
+reused unless `force` is set, so an interrupted sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from edm_lab.cache import cached
+from edm_lab.design.sampler import sample
+from edm_lab.evaluate.features import FrechetDistance
+from edm_lab.evaluate.sampling import SamplingModule, generate, reference_sampler, rms_error, start_sigma
+from edm_lab.track.store import ResultsStore, config_hash
+from edm_lab.track.tracking import CurveTracker
+
+log = logging.getLogger(__name__)
+
+AXES = ("schedule", "scaling", "discretization", "solver", "churn")
+# What fixes a row's numbers; logger, paths, trainer and batch size do not.
+HASHED = ("data", "model", "precond", *AXES, "metric", "num_samples", "seed")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, found before any sampling starts."""
+
+
+def validate(cfg: DictConfig) -> list[int]:
+    """Check the plain numbers of the config; return the sorted, de-duplicated step list."""
+    steps = cfg.nfe.steps
+    if steps is None or len(steps) == 0:
+        raise ConfigError("nfe.steps is empty: give at least one step count, e.g. nfe.steps=[9,18]")
+    for s in steps:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise ConfigError(f"nfe.steps must hold integers >= 1, got {s!r}")
+    if cfg.num_samples < 2:
+        raise ConfigError(f"num_samples must be >= 2 (a Frechet distance needs a covariance), got {cfg.num_samples}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.metric.reference_steps < 2:
+        raise ConfigError(f"metric.reference_steps must be >= 2, got {cfg.metric.reference_steps}")
+    return sorted(set(int(s) for s in steps))
+
+
+def git_commit(root: Path) -> str:
+    """Short commit of the code that ran, '+dirty' when it had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def axis_params(axes: Mapping[str, Any]) -> dict[str, Any]:
+    """The numeric knobs of the axes, flattened into row columns."""
+    disc, solver, churn = axes["discretization"], axes["solver"], axes["churn"]
+    return {"rho": getattr(disc, "rho", None), "alpha": getattr(solver, "alpha", None),
+            "S_churn": churn.S_churn, "S_min": churn.S_min, "S_max": churn.S_max, "S_noise": churn.S_noise}
+
+
+def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str]) -> str:
+    """Human name of a configuration: data/model/precond, then the sampling axes and other overrides."""
+    head = f"{choices.get('data')}/{choices.get('model')}/{choices.get('precond')}"
+    axes = " ".join(f"{a}={choices.get(a)}" for a in AXES)
+    return " ".join([head, axes, *extra_overrides])
+
+
+def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str] = (),
+               sweep: str = "local", project_root: Path | None = None) -> list[dict[str, Any]]:
+    """Evaluate the configured sampler at each step count; returns the rows (stored or reused)."""
+    steps_list = validate(cfg)
+    axes = {name: instantiate(cfg[name]) for name in AXES}  # raises on bad values before any work
+    dataset = instantiate(cfg.data)
+    precond = instantiate(cfg.precond)
+    net = instantiate(cfg.model)(dataset, precond)
+    cache_dir = Path(cfg.paths.cache_dir)
+    extractor = instantiate(cfg.metric.extractor)(dataset, cache_dir)
+    frechet = FrechetDistance(extractor, batch_size=cfg.metric.batch_size)
+    frechet.set_reference(dataset.samples)
+
+    store = ResultsStore(cfg.paths.results_dir)
+    hashed = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in HASHED}
+    chash = config_hash(hashed)
+    extra = [o for o in overrides if o.split("=")[0].lstrip("+~") not in choices and "." in o.split("=")[0]
+             and not o.startswith(("nfe.", "logger.", "paths.", "trainer.", "batch_size", "force", "hydra."))]
+    base_row = {
+        "config_hash": chash, "label": make_label(choices, extra), "sweep": sweep,
+        **{k: choices.get(k) for k in ("data", "model", "precond", *AXES, "metric")},
+        **axis_params(axes),
+        "num_samples": int(cfg.num_samples), "seed": int(cfg.seed),
+        "git_commit": git_commit(project_root or Path.cwd()),
+    }
+    metric = str(cfg.metric.name)
+    tracker = CurveTracker(instantiate(cfg.logger) if cfg.get("logger") else None, [metric, "sampler_rmse"],
+                           OmegaConf.to_container(cfg, resolve=True))
+    location = tracker.location
+    trainer = instantiate(cfg.trainer)
+    sampler = functools.partial(sample, **axes)
+    reference = None
+    rows: list[dict[str, Any]] = []
+    status = "failed"
+    try:
+        for num_steps in steps_list:
+            row = None if cfg.force else store.get(chash, num_steps)
+            samples = None
+            if row is not None:
+                log.info("steps=%d: stored row reused (force=true recomputes)", num_steps)
+            else:
+                start = time.perf_counter()
+                module = SamplingModule(net, dataset.sample_shape, sampler, num_steps)
+                samples, nfe = generate(trainer, module, cfg.seed, cfg.num_samples, cfg.batch_size)
+                seconds = time.perf_counter() - start
+                row = {**base_row, "num_steps": num_steps, "nfe": nfe, metric: frechet(samples.float()),
+                       "seconds": seconds, "time": dt.datetime.now().isoformat(timespec="seconds")}
+                sigma0 = start_sigma(net, num_steps, axes["schedule"], axes["discretization"])
+                row["sigma_start"] = sigma0
+                if cfg.metric.sampler_error and not axes["churn"].stochastic:
+                    reference = reference if reference is not None and reference[0] == sigma0 else \
+                        (sigma0, _reference_solution(cfg, trainer, net, dataset, sigma0, cache_dir))
+                    row["sampler_rmse"] = rms_error(samples, reference[1])
+                else:
+                    row["sampler_rmse"] = None  # a stochastic sampler does not converge to the ODE's solution
+                store.write(row)
+                log.info("steps=%d nfe=%d %s=%.4g sampler_rmse=%s (%.1fs)", num_steps, nfe, metric, row[metric],
+                         _fmt(row["sampler_rmse"]), seconds)
+            rows.append(row)
+            tracker.log_point(row, samples)
+        status = "success"
+    finally:
+        tracker.finish(rows, status)
+    print(f"results: {len(rows)} rows in {store.root} (config {chash})")
+    if location:
+        print(f"tracker run: {location}" + (" (offline: `wandb sync` uploads it)" if tracker.is_wandb else ""))
+    return rows
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+
+
+def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float, cache_dir: Path) -> torch.Tensor:
+    """The same ODE solved with many Heun steps from the same seeds, cached across jobs."""
+    key = config_hash({"data": OmegaConf.to_container(cfg.data, resolve=True), "fingerprint": dataset.fingerprint,
+                       "model": OmegaConf.to_container(cfg.model, resolve=True),
+                       "precond": OmegaConf.to_container(cfg.precond, resolve=True),
+                       "sigma_start": repr(sigma_start), "steps": cfg.metric.reference_steps,
+                       "seed": cfg.seed, "num_samples": cfg.num_samples})
+
+    def compute() -> torch.Tensor:
+        log.info("reference solution: %d Heun steps from sigma=%.4g", cfg.metric.reference_steps, sigma_start)
+        module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps), 0)
+        return generate(trainer, module, cfg.seed, cfg.num_samples, cfg.batch_size)[0]
+
+    return cached(cache_dir / "references" / f"{key}.pt", compute)

@@ -1,0 +1,212 @@
+"""A results store: one JSON file per (configuration, num_steps) evaluation.
+
+Layout: ``root/rows/<config_hash>/steps-<num_steps>.json``. Every file is written atomically
+(temp file in the same directory, fsync, ``os.replace``), so several processes of a parallel
+launcher can write into one store at once and an interrupted run never leaves a half-written
+row behind: a reader sees either the previous complete file or the new complete file.
+
+Deliberately free of hydra/lightning/wandb so reports can be rebuilt from a bare checkout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # pandas is only needed by `load`; keep worker imports cheap.
+    import pandas
+
+__all__ = ["config_hash", "atomic_write_bytes", "atomic_write_text", "ResultsStore"]
+
+# Temp files start with "." and end with ".tmp": they can never match the row glob below.
+_TMP_PREFIX = "."
+_TMP_SUFFIX = ".tmp"
+_ROW_GLOB = "steps-*.json"
+_ROW_NAME = re.compile(r"^steps-(-?\d+)\.json$")
+# A hash becomes a directory name: refuse anything that could escape the store or hide.
+_SAFE_HASH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; results are shared between users, so honour the umask instead.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
+def _plain(obj: Any) -> Any:
+    """Nested Mappings/sequences -> dicts/lists, so DictConfig and dict hash alike."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def config_hash(config: Mapping) -> str:
+    """Stable 12-hex-digit sha256 of a nested mapping (key order does not matter)."""
+    text = json.dumps(_plain(config), sort_keys=True, default=str, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (same-directory temp file + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), _FILE_MODE)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave our own debris behind when we can help it.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy / torch scalars: store the Python value, not a string that would not round-trip.
+    item = getattr(obj, "item", None)
+    if callable(item):
+        try:
+            value = item()
+        except (TypeError, ValueError):
+            pass
+        else:
+            if isinstance(value, (int, float, bool, str)) or value is None:
+                return value
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"result row value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def _steps_key(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"num_steps must be an integer, got {value!r}")
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_steps must be an integer, got {value!r}") from None
+    if isinstance(value, float) and (not math.isfinite(value) or value != as_int):
+        raise ValueError(f"num_steps must be an integer, got {value!r}")
+    return as_int
+
+
+def _hash_key(value: Any) -> str:
+    if not isinstance(value, str) or not _SAFE_HASH.match(value):
+        raise ValueError(f"config_hash must be a plain name such as '3f2a9c1b7d0e', got {value!r}")
+    return value
+
+
+class ResultsStore:
+    """A directory of one atomically written JSON file per result row."""
+
+    def __init__(self, root: str | Path) -> None:
+        """Open (lazily create) the store rooted at ``root``."""
+        self.root = Path(root)
+        self.rows_dir = self.root / "rows"
+
+    def __repr__(self) -> str:
+        return f"ResultsStore({str(self.root)!r})"
+
+    def path(self, config_hash: str, num_steps: int) -> Path:
+        """The file that holds the row of (config_hash, num_steps)."""
+        return self.rows_dir / _hash_key(config_hash) / f"steps-{_steps_key(num_steps)}.json"
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable result row {path}: {exc}", RuntimeWarning, stacklevel=3)
+            return None
+        if not isinstance(row, dict):
+            warnings.warn(f"skipping result row {path}: not a JSON object", RuntimeWarning, stacklevel=3)
+            return None
+        return row
+
+    def get(self, config_hash: str, num_steps: int) -> dict | None:
+        """The stored row, or None if absent (or unreadable, with a warning)."""
+        return self._read(self.path(config_hash, num_steps))
+
+    def has(self, config_hash: str, num_steps: int) -> bool:
+        """Whether a readable row exists: a corrupt file counts as missing so it gets redone."""
+        return self.get(config_hash, num_steps) is not None
+
+    def write(self, row: Mapping) -> Path:
+        """Validate and atomically write one row; returns its path (overwrites an older row)."""
+        for key in ("config_hash", "num_steps"):
+            if key not in row:
+                raise ValueError(f"result row is missing required key {key!r}")
+        path = self.path(row["config_hash"], row["num_steps"])
+        # allow_nan=True emits Infinity/NaN, which json.loads reads back to the same floats.
+        text = json.dumps(dict(row), indent=1, allow_nan=True, default=_json_default)
+        return atomic_write_text(path, text + "\n")
+
+    def _row_paths(self) -> list[Path]:
+        if not self.rows_dir.is_dir():
+            return []
+        found = []
+        for path in self.rows_dir.glob(f"*/{_ROW_GLOB}"):
+            match = _ROW_NAME.match(path.name)
+            if match and path.is_file():
+                found.append((path.parent.name, int(match.group(1)), path))
+        found.sort(key=lambda t: (t[0], t[1]))
+        return [p for _, _, p in found]
+
+    def rows(self) -> list[dict]:
+        """All readable rows, ordered by (config_hash, num_steps); bad files are warned about and skipped."""
+        out = []
+        for path in self._row_paths():
+            row = self._read(path)
+            if row is not None:
+                out.append(row)
+        return out
+
+    def load(self) -> "pandas.DataFrame":
+        """All readable rows as a DataFrame (empty DataFrame for an empty store)."""
+        import pandas as pd
+
+        rows = self.rows()
+        if not rows:
+            return pd.DataFrame()
+        return pd.DataFrame.from_records(rows)

@@ -1,0 +1,300 @@
+"""Tests for edm_lab.report.report: the numbers in report.md must be the numbers in the rows."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+
+import edm_lab.report.report as report_mod
+from edm_lab.report.report import default_metrics, format_value, main, markdown_table, write_report
+from edm_lab.track.store import ResultsStore, config_hash
+
+EULER, HEUN, CHURN = "solver=euler", "solver=heun", "solver=heun|churn=on"  # a pipe must survive the table
+
+# (label, nfe, fd_classifier, sampler_rmse, sweep); (EULER, 15) appears twice -> the minimum, 12.5, shows.
+POINTS = [
+    (EULER, 7, 40.0, 0.31, "s1"),
+    (EULER, 15, 20.0, 0.12, "s1"),
+    (EULER, 15, 12.5, 0.15, "s2"),
+    (EULER, 35, 8.0, 0.05, "s1"),
+    (EULER, 79, 4.0, 0.021, "s1"),
+    (HEUN, 7, 60.0, 0.5, "s1"),
+    (HEUN, 15, 15.0, 0.03, "s1"),
+    (HEUN, 35, 3.14159265, 0.004, "s1"),
+    (HEUN, 79, 2.5, math.nan, "s1"),
+    (CHURN, 15, 12345.678, 0.2, "s2"),
+    (CHURN, 35, 2.9, 0.01, "s2"),
+]
+EXPECTED_BEST = {  # budget -> (label, value, at nfe), worked out by hand
+    7: (EULER, 40.0, 7),
+    15: (EULER, 12.5, 15),
+    35: (CHURN, 2.9, 35),
+    79: (HEUN, 2.5, 79),
+}
+
+
+def make_frame() -> pd.DataFrame:
+    rows = []
+    for i, (label, nfe, fd, rmse, sweep) in enumerate(POINTS):
+        rows.append({
+            "config_hash": config_hash({"label": label, "sweep": sweep}), "label": label, "sweep": sweep,
+            "data": "digits", "model": "ideal", "solver": label.split("=")[1].split("|")[0],
+            "S_max": math.inf, "num_steps": (nfe + 1) // 2, "nfe": nfe,
+            "fd_classifier": fd, "sampler_rmse": rmse, "fd_backbone": "resnet",  # a non-numeric fd_ column
+            "seed": 0, "git_commit": "abc1234" if sweep == "s1" else "def5678",
+            "time": f"2026-11-23T10:00:{i:02d}", "extra_col": f"x{i}",
+        })
+    return pd.DataFrame(rows)
+
+
+def expected_cells(metric_index: int) -> dict[tuple[str, int], float]:
+    cells: dict[tuple[str, int], float] = {}
+    for point in POINTS:
+        label, nfe, value = point[0], point[1], point[metric_index]
+        if math.isnan(value):
+            continue
+        cells[(label, nfe)] = min(value, cells.get((label, nfe), math.inf))
+    return cells
+
+
+def split_row(line: str) -> list[str]:
+    inner = line.strip()[1:-1]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading + "\n")
+    rest = text[start + len(heading) + 1:]
+    nxt = re.search(r"^#{1,3} ", rest, flags=re.M)
+    return rest[: nxt.start()] if nxt else rest
+
+
+def parse_first_table(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln for ln in text.splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        block.append(ln)
+    header = split_row(block[0])
+    assert set(block[1].replace("|", "").replace(":", "").replace(" ", "")) == {"-"}
+    return header, [split_row(ln) for ln in block[2:]]
+
+
+def as_number(cell: str) -> float:
+    return math.nan if cell in ("", "—") else float(cell)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    # Rendered once for the read-only checks below: plotting dominates the test time.
+    path = write_report(make_frame(), tmp_path_factory.mktemp("report") / "out", title="Test report")
+    return path, path.read_text(encoding="utf-8")
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric, index", [("fd_classifier", 2), ("sampler_rmse", 3)])
+def test_table_cells_match_frame(report: tuple[Path, str], metric: str, index: int) -> None:
+    _, text = report
+    header, rows = parse_first_table(section(text, f"## {metric}"))
+    assert header[0] == "configuration"
+    nfes = [int(h) for h in header[1:]]
+    assert nfes == sorted({p[1] for p in POINTS if not math.isnan(p[index])})
+    expected = expected_cells(index)
+    assert sorted(r[0] for r in rows) == sorted({p[0] for p in POINTS})
+    seen = 0
+    for row in rows:
+        label = row[0]
+        for nfe, cell in zip(nfes, row[1:]):
+            want = expected.get((label, nfe))
+            if want is None:
+                assert cell == "—", (label, nfe, cell)
+            else:
+                # 4 significant digits, checked numerically and textually.
+                assert cell == f"{want:.4g}", (label, nfe, cell)
+                assert math.isclose(as_number(cell), want, rel_tol=5e-4)
+                seen += 1
+    assert seen == len(expected)
+
+
+def test_duplicate_cell_shows_minimum_and_says_so(report: tuple[Path, str]) -> None:
+    _, text = report
+    body = section(text, "## fd_classifier")
+    header, rows = parse_first_table(body)
+    euler = next(r for r in rows if r[0] == EULER)
+    assert as_number(euler[header.index("15")]) == 12.5  # min(20.0, 12.5)
+    assert "1 of 10 cells aggregate several rows" in body and "minimum" in body
+
+
+def test_rounding_to_four_significant_digits(report: tuple[Path, str]) -> None:
+    _, text = report
+    header, rows = parse_first_table(section(text, "## fd_classifier"))
+    heun = next(r for r in rows if r[0] == HEUN)
+    churn = next(r for r in rows if r[0] == CHURN)
+    assert heun[header.index("35")] == "3.142"
+    assert churn[header.index("15")] == "1.235e+04"
+
+
+def test_best_per_budget(report: tuple[Path, str]) -> None:
+    _, text = report
+    header, rows = parse_first_table(section(text, "### Best configuration per NFE budget (fd_classifier)"))
+    assert header == ["NFE budget", "best configuration", "fd_classifier", "at NFE"]
+    got = {int(r[0]): (r[1], as_number(r[2]), int(r[3])) for r in rows}
+    assert got == EXPECTED_BEST
+    # Independent check straight from the frame: the argmin among rows with nfe <= budget.
+    frame = make_frame()
+    for budget, (label, value, nfe) in got.items():
+        within = frame[frame["nfe"] <= budget]
+        best = within.loc[within["fd_classifier"].idxmin()]
+        assert (best["label"], best["fd_classifier"], best["nfe"]) == (label, value, nfe)
+
+
+def test_provenance(report: tuple[Path, str]) -> None:
+    _, text = report
+    prov = section(text, "## Provenance")
+    assert f"- rows: {len(POINTS)}" in prov
+    assert re.search(r"- sweeps: 2: `s1` \(8 rows\), `s2` \(3 rows\)", prov)
+    assert re.search(r"- git commits: 2: `abc1234`.*`def5678`", prov)
+    assert "- data sets: 1: `digits`" in prov and "- models: 1: `ideal`" in prov
+    assert "- configurations: 3" in prov
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+def test_pngs_are_valid_and_linked(report: tuple[Path, str]) -> None:
+    path, text = report
+    for metric in ("fd_classifier", "sampler_rmse"):
+        png = path.parent / f"{metric}_vs_nfe.png"
+        assert f"]({metric}_vs_nfe.png)" in text  # relative link
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(data) > 10_000
+        image = mpimg.imread(png)
+        assert image.ndim == 3 and image.shape[2] in (3, 4)
+        assert image.shape[0] > 200 and image.shape[1] > 300
+        assert image.std() > 0.01  # not a blank canvas
+    assert sorted(p.name for p in path.parent.glob("*.png")) == ["fd_classifier_vs_nfe.png",
+                                                                 "sampler_rmse_vs_nfe.png"]
+    assert not list(path.parent.glob(".*"))  # no temp files left
+
+
+def test_plot_with_nonpositive_and_infinite_values(tmp_path: Path) -> None:
+    frame = make_frame()
+    frame.loc[0, "fd_classifier"] = 0.0  # no log y possible
+    frame.loc[1, "fd_classifier"] = math.inf  # a diverged sampler must not break the plot
+    path = write_report(frame, tmp_path, metrics=["fd_classifier"])
+    assert mpimg.imread(path.parent / "fd_classifier_vs_nfe.png").shape[0] > 100
+    _, rows = parse_first_table(section(path.read_text(), "## fd_classifier"))
+    euler = next(r for r in rows if r[0] == EULER)
+    assert euler[1] == "0"
+
+
+# -- csv, selection, edge cases ------------------------------------------------------------------
+
+def test_results_csv_sorted_and_complete(report: tuple[Path, str]) -> None:
+    path, _ = report
+    csv = pd.read_csv(path.parent / "results.csv")
+    assert len(csv) == len(POINTS)
+    assert list(zip(csv["label"], csv["nfe"])) == sorted(zip(csv["label"], csv["nfe"]))
+    assert "extra_col" in csv.columns and set(csv["extra_col"]) == {f"x{i}" for i in range(len(POINTS))}
+    assert (csv["S_max"] == math.inf).all()
+
+
+def test_empty_frame(tmp_path: Path) -> None:
+    path = write_report(pd.DataFrame(), tmp_path / "out")
+    assert path == tmp_path / "out" / "report.md"
+    assert "No results yet" in path.read_text()
+    assert not list(path.parent.glob("*.png"))
+
+
+def test_empty_frame_clears_stale_plots(tmp_path: Path) -> None:
+    write_report(make_frame(), tmp_path)
+    assert list(tmp_path.glob("*.png"))
+    write_report(pd.DataFrame(), tmp_path)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_metric_selection(tmp_path: Path) -> None:
+    write_report(make_frame(), tmp_path)
+    path = write_report(make_frame(), tmp_path, metrics=["sampler_rmse"])
+    text = path.read_text()
+    assert "## sampler_rmse" in text and "## fd_classifier" not in text
+    assert [p.name for p in tmp_path.glob("*.png")] == ["sampler_rmse_vs_nfe.png"]  # stale plot gone
+    with pytest.raises(ValueError, match="no_such_metric"):
+        write_report(make_frame(), tmp_path, metrics=["no_such_metric"])
+    assert path.read_text() == text  # a failed call leaves the previous report in place
+
+
+def test_default_metrics() -> None:
+    frame = make_frame()
+    frame["fd_raw"] = 1.0
+    frame["fid"] = 2.0
+    frame["fd_dinov2"] = 3.0
+    assert default_metrics(frame) == ["fid", "fd_classifier", "fd_raw", "sampler_rmse", "fd_dinov2"]
+    assert "fd_backbone" not in default_metrics(frame)  # strings are not metrics
+
+
+def test_frame_without_metrics(tmp_path: Path) -> None:
+    frame = make_frame().drop(columns=["fd_classifier", "sampler_rmse"])
+    text = write_report(frame, tmp_path).read_text()
+    assert "No metric columns found" in text and "## Provenance" in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_crash_mid_report_keeps_previous_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_report(make_frame(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("crash while plotting")
+
+    monkeypatch.setattr(report_mod, "_render_plot", boom)
+    frame = make_frame()
+    frame["fd_classifier"] *= 2
+    with pytest.raises(RuntimeError):
+        write_report(frame, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert path.exists()
+
+
+def test_rows_in_natural_order(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"label": ["rho=10", "rho=2", "rho=3"], "nfe": [7, 7, 7], "fid": [1.0, 2.0, 3.0]})
+    _, rows = parse_first_table(section(write_report(frame, tmp_path).read_text(), "## fid"))
+    assert [r[0] for r in rows] == ["rho=2", "rho=3", "rho=10"]
+
+
+def test_markdown_table_and_format_helpers() -> None:
+    table = markdown_table(["a", "b"], [["x|y", "1"], ["z", "22"]])
+    lines = table.splitlines()
+    assert len(lines) == 4 and all(ln.startswith("| ") and ln.endswith(" |") for ln in lines)
+    assert split_row(lines[2]) == ["x|y", "1"]
+    assert format_value(math.nan) == "—" and format_value(None) == "—"
+    assert format_value(0.0042) == "0.0042" and format_value(123456) == "1.235e+05"
+    assert format_value(math.inf) == "inf"
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+def test_cli_from_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ResultsStore(tmp_path / "results")
+    for row in make_frame().to_dict("records"):
+        store.write(row)
+    out = tmp_path / "reports"
+    assert main(["--results", str(store.root), "--out", str(out), "--metric", "fd_classifier"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert Path(printed) == out / "report.md"
+    text = (out / "report.md").read_text()
+    header, rows = parse_first_table(section(text, "### Best configuration per NFE budget (fd_classifier)"))
+    assert {int(r[0]): r[1] for r in rows} == {b: v[0] for b, v in EXPECTED_BEST.items()}
+    assert "## sampler_rmse" not in text
+
+
+def test_cli_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "rep")]) == 0
+    assert "No results yet" in (tmp_path / "rep" / "report.md").read_text()
