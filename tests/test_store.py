@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from edm_lab.track.store import ResultsStore, atomic_write_text, config_hash
+from edm_lab.atomic import atomic_write_text
+from edm_lab.track.store import ResultsStore, config_hash
 
 
 def make_row(h: str = "3f2a9c1b7d0e", steps: int = 18, **extra) -> dict:

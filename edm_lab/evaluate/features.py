@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edm_lab.atomic import atomic_torch_save
 from edm_lab.data.datasets import ArrayDataset
 
 __all__ = [
@@ -206,20 +205,6 @@ def _fit(model: _SmallClassifier, x: Tensor, y: Tensor, *, epochs: int, batch_si
     return model, correct / len(x)
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def classifier_features(dataset: ArrayDataset, cache_dir: str | Path, feature_dim: int = 64, epochs: int = 20,
                         seed: int = 0, width: int = 16, batch_size: int = 128, lr: float = 1e-2) -> nn.Module:
     """Penultimate features of a small classifier trained once on the dataset's labels, cached on disk.
@@ -268,7 +253,7 @@ def classifier_features(dataset: ArrayDataset, cache_dir: str | Path, feature_di
                                             lr=float(lr), seed=int(seed))
         state = {"state_dict": model.state_dict(), "train_accuracy": torch.tensor(accuracy, dtype=torch.float64),
                  "train_seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
-        _atomic_torch_save(state, path)
+        atomic_torch_save(state, path)
     return ClassifierFeatures(model.requires_grad_(False), int(feature_dim), accuracy, path)
 
 

@@ -25,7 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from edm_lab.track.store import ResultsStore, atomic_write_bytes, atomic_write_text
+from edm_lab.atomic import atomic_write_bytes, atomic_write_text
+from edm_lab.track.store import ResultsStore
 
 __all__ = ["KNOWN_METRICS", "default_metrics", "format_value", "markdown_table", "write_report", "main"]
 

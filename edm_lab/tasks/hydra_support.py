@@ -22,10 +22,16 @@ def sweep_id() -> str:
     return "/".join(Path(hc.run.dir).parts[-2:])
 
 
+def run_name() -> str:
+    """The job's overrides (`solver=euler,schedule=vp`), or `defaults` when it has none."""
+    return HydraConfig.get().job.override_dirname or "defaults"
+
+
 def register_resolvers() -> None:
-    """`${sweep_id:}` for the W&B group."""
-    if not OmegaConf.has_resolver("sweep_id"):
-        OmegaConf.register_new_resolver("sweep_id", sweep_id)
+    """`${sweep_id:}` and `${run_name:}` for the tracker's group and run name."""
+    for name, fn in (("sweep_id", sweep_id), ("run_name", run_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def run_task(cfg: DictConfig) -> Any:

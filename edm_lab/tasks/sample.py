@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from edm_lab.cache import cached
+from edm_lab.atomic import cached
 from edm_lab.design.sampler import sample
 from edm_lab.evaluate.features import FrechetDistance
 from edm_lab.evaluate.sampling import SamplingModule, generate, reference_sampler, rms_error, start_sigma

@@ -12,35 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from edm_lab.atomic import atomic_write_text
+
 if TYPE_CHECKING:  # pandas is only needed by `load`; keep worker imports cheap.
     import pandas
 
-__all__ = ["config_hash", "atomic_write_bytes", "atomic_write_text", "ResultsStore"]
+__all__ = ["config_hash", "ResultsStore"]
 
 # Temp files start with "." and end with ".tmp": they can never match the row glob below.
-_TMP_PREFIX = "."
-_TMP_SUFFIX = ".tmp"
 _ROW_GLOB = "steps-*.json"
 _ROW_NAME = re.compile(r"^steps-(-?\d+)\.json$")
 # A hash becomes a directory name: refuse anything that could escape the store or hide.
 _SAFE_HASH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates 0600 files; results are shared between users, so honour the umask instead.
-_FILE_MODE = 0o666 & ~_current_umask()
 
 
 def _plain(obj: Any) -> Any:
@@ -56,49 +44,6 @@ def config_hash(config: Mapping) -> str:
     """Stable 12-hex-digit sha256 of a nested mapping (key order does not matter)."""
     text = json.dumps(_plain(config), sort_keys=True, default=str, allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (same-directory temp file + fsync + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), _FILE_MODE)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave our own debris behind when we can help it.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,0 +1,134 @@
+"""Every option of every config group composes and instantiates; bad input fails before any work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+
+from edm_lab.data.datasets import ArrayDataset
+from edm_lab.design.sampler import sample
+from edm_lab.tasks.hydra_support import register_resolvers
+from edm_lab.tasks.sample import AXES, ConfigError, run_sample
+from tests.conftest import PROJECT_ROOT
+
+CONF = PROJECT_ROOT / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    """The job config as run.py would see it, with every path under tmp_path."""
+    register_resolvers()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.root={tmp_path}", f"paths.output_dir={tmp_path}/out"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_groups_map_onto_the_axes():
+    for group in ("schedule", "scaling", "discretization", "solver", "churn", "precond", "nfe", "data", "model",
+                  "metric", "logger", "trainer", "experiment", "task"):
+        assert group in GROUPS
+    assert set(options("schedule")) == {"vp", "ve", "edm", "linear"}
+    assert set(options("scaling")) == {"vp", "none"}
+    assert set(options("discretization")) == {"vp", "ve", "iddpm", "edm"}
+    assert {"euler", "heun"} <= set(options("solver"))
+    assert set(options("precond")) == {"vp", "ve", "iddpm", "edm"}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_instantiates(group, option, tmp_path):
+    small = "data.num_samples=64" if (group, option) == ("data", "toy2d") else "data.limit=64"
+    cfg = compose_cfg(tmp_path, f"{group}={option}", small)
+    axes = {name: instantiate(cfg[name]) for name in AXES}
+    data = instantiate(cfg.data)
+    assert isinstance(data, ArrayDataset)
+    net = instantiate(cfg.model)(data, instantiate(cfg.precond))
+    latents = torch.randn(4, *data.sample_shape)
+    result = sample(net, latents, 3, **axes)
+    assert result.x.shape == latents.shape and torch.isfinite(result.x).all()
+    assert callable(instantiate(cfg.metric.extractor))  # factories are partials: built at run time
+    assert cfg.logger._target_.startswith("lightning.pytorch.loggers.")
+    if cfg.trainer.accelerator == "cpu":
+        instantiate(cfg.trainer)
+    assert cfg.task.name in ("sample", "report")
+
+
+def test_wandb_logger_is_offline_by_default(tmp_path):
+    cfg = compose_cfg(tmp_path)
+    assert cfg.logger.offline is True
+
+
+def test_experiment_presets_set_the_papers_samplers(tmp_path):
+    expected = {
+        "vp_original": ("VPSchedule", "VPScaling", "VPDiscretization", "Euler", "VPPrecond"),
+        "ve_original": ("VESchedule", "NoScaling", "VEDiscretization", "Euler", "VEPrecond"),
+        "iddpm_original": ("LinearSchedule", "NoScaling", "IDDPMDiscretization", "Euler", "IDDPMPrecond"),
+        "edm": ("LinearSchedule", "NoScaling", "EDMDiscretization", "SecondOrder", "EDMPrecond"),
+    }
+    for name, classes in expected.items():
+        cfg = compose_cfg(tmp_path, f"experiment={name}")
+        got = tuple(cfg[k]._target_.rsplit(".", 1)[1] for k in ("schedule", "scaling", "discretization", "solver", "precond"))
+        assert got == classes, name
+
+
+def test_sweep_presets_compose(tmp_path, monkeypatch):
+    monkeypatch.chdir(PROJECT_ROOT)  # sweeps/ is found relative to the project root
+    for preset in sorted((PROJECT_ROOT / "sweeps").glob("*.yaml")):
+        cfg = compose_cfg(tmp_path, f"sweeps={preset.stem}")
+        assert cfg.hydra.sweeper.params, preset.name
+
+
+def test_unknown_axis_value_lists_the_options(tmp_path):
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as info:
+        compose_cfg(tmp_path, "schedule=cosine")
+    message = str(info.value)
+    assert "schedule" in message and "Available options" in message
+    for option in ("edm", "linear", "ve", "vp"):
+        assert option in message
+
+
+@pytest.mark.parametrize("override,key", [
+    ("nfe.steps=[]", "nfe.steps"),
+    ("nfe.steps=[0,4]", "nfe.steps"),
+    ("discretization.rho=0", "discretization.rho"),
+    ("discretization.sigma_min=1.0 discretization.sigma_max=0.5", "discretization.sigma_min"),
+    ("solver=midpoint solver.alpha=1.5", "solver.alpha"),
+    ("solver.alpha=0", "solver.alpha"),
+    ("churn.S_churn=-1", "churn.S_churn"),
+    ("churn.S_noise=-0.5", "churn.S_noise"),
+    ("num_samples=1", "num_samples"),
+])
+def test_bad_values_fail_before_any_work(override, key, tmp_path, monkeypatch):
+    cfg = compose_cfg(tmp_path, *override.split(), "logger=csv")
+    monkeypatch.setattr("edm_lab.tasks.sample.instantiate", _guard_instantiate())
+    with pytest.raises(Exception) as info:
+        run_sample(cfg, choices={}, overrides=[])
+    assert key in str(info.value)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "out").exists()
+
+
+def _guard_instantiate():
+    """Fail the test if anything past the axes (data, model, logger) is built before the error."""
+    from hydra.utils import instantiate as real
+
+    def guarded(config, *args, **kwargs):
+        target = str(config.get("_target_", ""))
+        if not target.startswith("edm_lab.design."):
+            raise AssertionError(f"{target} was instantiated before the bad value was reported")
+        return real(config, *args, **kwargs)
+
+    return guarded
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
