@@ -32,16 +32,16 @@ class SeedDataset(Dataset):
 
 
 class SamplingModule(L.LightningModule):
-    """Wraps a denoiser and a sampler (a `sample` partial holding the design axes)."""
+    """Wraps a denoiser and a sampler: `sample` with its design axes and step count bound."""
 
-    def __init__(self, net: nn.Module, sample_shape: tuple[int, ...], sampler: Sampler, num_steps: int) -> None:
+    def __init__(self, net: nn.Module, sample_shape: tuple[int, ...], sampler: Sampler) -> None:
         super().__init__()
-        self.net, self.sample_shape, self.sampler, self.num_steps = net, tuple(sample_shape), sampler, num_steps
+        self.net, self.sample_shape, self.sampler = net, tuple(sample_shape), sampler
 
     def predict_step(self, seeds: Tensor, batch_idx: int) -> dict[str, Any]:
         noise = PerSampleNoise(seeds.tolist(), device=self.device)
         latents = noise.randn((len(seeds), *self.sample_shape), device=self.device)
-        result = self.sampler(self.net, latents, self.num_steps, randn_like=noise.randn_like)
+        result = self.sampler(self.net, latents, randn_like=noise.randn_like)
         return {"seeds": seeds.cpu(), "samples": result.x.cpu(), "nfe": result.nfe}
 
 
@@ -70,13 +70,8 @@ def reference_sampler(sigma_start: float, num_steps: int = 512, sigma_min: float
     scaling (paper, Section 3), so one reference serves every sampler that starts at sigma_start.
     """
     disc = EDMDiscretization(sigma_min=min(sigma_min, sigma_start / 2), sigma_max=sigma_start)
-    solver = SecondOrder(alpha=1.0)
-    return functools.partial(_fixed_steps, num_steps, functools.partial(
-        sample, schedule=LinearSchedule(), scaling=NoScaling(), discretization=disc, solver=solver, churn=Churn()))
-
-
-def _fixed_steps(num_steps: int, sampler: Sampler, net, latents, _ignored_steps, **kwargs) -> SampleResult:
-    return sampler(net, latents, num_steps, **kwargs)
+    return functools.partial(sample, num_steps=num_steps, schedule=LinearSchedule(), scaling=NoScaling(),
+                             discretization=disc, solver=SecondOrder(alpha=1.0), churn=Churn())
 
 
 def rms_error(samples: Tensor, reference: Tensor) -> float:

@@ -36,7 +36,8 @@ def register_resolvers() -> None:
 
 def run_task(cfg: DictConfig) -> Any:
     """Dispatch on `task.name` with the job's Hydra choices and overrides."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # device summaries and tips, once per Trainer
     name = cfg.task.name
     if name == "sample":
         from edm_lab.tasks.sample import run_sample

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 AXES = ("schedule", "scaling", "discretization", "solver", "churn")
 # What fixes a row's numbers; logger, paths, trainer and batch size do not.
 HASHED = ("data", "model", "precond", *AXES, "metric", "num_samples", "seed")
+# Overrides of these keys change neither the numbers nor the label.
+UNHASHED_PREFIXES = ("nfe.", "logger.", "paths.", "trainer.", "hydra.", "metric.batch_size")
 
 
 class ConfigError(ValueError):
@@ -85,75 +87,84 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     """Evaluate the configured sampler at each step count; returns the rows (stored or reused)."""
     steps_list = validate(cfg)
     axes = {name: instantiate(cfg[name]) for name in AXES}  # raises on bad values before any work
+    trainer = instantiate(cfg.trainer)  # an unavailable accelerator fails here, before any output
     dataset = instantiate(cfg.data)
-    precond = instantiate(cfg.precond)
-    net = instantiate(cfg.model)(dataset, precond)
-    cache_dir = Path(cfg.paths.cache_dir)
-    extractor = instantiate(cfg.metric.extractor)(dataset, cache_dir)
+    net = instantiate(cfg.model)(dataset, instantiate(cfg.precond))
+    extractor = instantiate(cfg.metric.extractor)(dataset, Path(cfg.paths.cache_dir))  # FID weights checked here
     frechet = FrechetDistance(extractor, batch_size=cfg.metric.batch_size)
     frechet.set_reference(dataset.samples)
 
     store = ResultsStore(cfg.paths.results_dir)
-    hashed = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in HASHED}
-    chash = config_hash(hashed)
-    extra = [o for o in overrides if o.split("=")[0].lstrip("+~") not in choices and "." in o.split("=")[0]
-             and not o.startswith(("nfe.", "logger.", "paths.", "trainer.", "batch_size", "force", "hydra."))]
-    base_row = {
-        "config_hash": chash, "label": make_label(choices, extra), "sweep": sweep,
-        **{k: choices.get(k) for k in ("data", "model", "precond", *AXES, "metric")},
-        **axis_params(axes),
-        "num_samples": int(cfg.num_samples), "seed": int(cfg.seed),
-        "git_commit": git_commit(project_root or Path.cwd()),
-    }
+    identity = describe(cfg, choices, overrides, axes, sweep, project_root or Path.cwd())
     metric = str(cfg.metric.name)
     tracker = CurveTracker(instantiate(cfg.logger) if cfg.get("logger") else None, [metric, "sampler_rmse"],
                            OmegaConf.to_container(cfg, resolve=True))
     location = tracker.location
-    trainer = instantiate(cfg.trainer)
-    sampler = functools.partial(sample, **axes)
-    reference = None
+    references: dict[float, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     status = "failed"
     try:
         for num_steps in steps_list:
-            row = None if cfg.force else store.get(chash, num_steps)
+            row = None if cfg.force else store.get(identity["config_hash"], num_steps)
             samples = None
             if row is not None:
                 log.info("steps=%d: stored row reused (force=true recomputes)", num_steps)
             else:
-                start = time.perf_counter()
-                module = SamplingModule(net, dataset.sample_shape, sampler, num_steps)
-                samples, nfe = generate(trainer, module, cfg.seed, cfg.num_samples, cfg.batch_size)
-                seconds = time.perf_counter() - start
-                row = {**base_row, "num_steps": num_steps, "nfe": nfe, metric: frechet(samples.float()),
-                       "seconds": seconds, "time": dt.datetime.now().isoformat(timespec="seconds")}
-                sigma0 = start_sigma(net, num_steps, axes["schedule"], axes["discretization"])
-                row["sigma_start"] = sigma0
-                if cfg.metric.sampler_error and not axes["churn"].stochastic:
-                    reference = reference if reference is not None and reference[0] == sigma0 else \
-                        (sigma0, _reference_solution(cfg, trainer, net, dataset, sigma0, cache_dir))
-                    row["sampler_rmse"] = rms_error(samples, reference[1])
-                else:
-                    row["sampler_rmse"] = None  # a stochastic sampler does not converge to the ODE's solution
-                store.write(row)
-                log.info("steps=%d nfe=%d %s=%.4g sampler_rmse=%s (%.1fs)", num_steps, nfe, metric, row[metric],
-                         _fmt(row["sampler_rmse"]), seconds)
+                samples, row = evaluate_point(cfg, trainer, net, dataset, axes, num_steps, frechet, references)
+                row = {**identity, **row}
+                store.write(row)  # only complete rows are ever written
+                log.info("steps=%d nfe=%d %s=%.4g sampler_rmse=%s (%.1fs)", num_steps, row["nfe"], metric,
+                         row[metric], _fmt(row["sampler_rmse"]), row["seconds"])
             rows.append(row)
             tracker.log_point(row, samples)
         status = "success"
     finally:
         tracker.finish(rows, status)
-    print(f"results: {len(rows)} rows in {store.root} (config {chash})")
+    print(f"results: {len(rows)} rows in {store.root} (config {identity['config_hash']})")
     if location:
         print(f"tracker run: {location}" + (" (offline: `wandb sync` uploads it)" if tracker.is_wandb else ""))
     return rows
+
+
+def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str], axes: Mapping[str, Any],
+             sweep: str, project_root: Path) -> dict[str, Any]:
+    """The columns every row of this job shares: config hash, label, axis values, provenance."""
+    hashed = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+              for k in HASHED}
+    hashed["metric"].pop("batch_size", None)
+    params = [o for o in overrides if "." in o.split("=")[0] and not o.startswith(UNHASHED_PREFIXES)]
+    return {
+        "config_hash": config_hash(hashed), "label": make_label(choices, params), "sweep": sweep,
+        **{k: choices.get(k) for k in ("data", "model", "precond", *AXES, "metric")},
+        **axis_params(axes),
+        "num_samples": int(cfg.num_samples), "seed": int(cfg.seed), "git_commit": git_commit(project_root),
+    }
+
+
+def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, Any], num_steps: int,
+                   frechet: FrechetDistance, references: dict[float, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Sample at `num_steps` and measure: (samples, the row's measured columns)."""
+    start = time.perf_counter()
+    sampler = functools.partial(sample, num_steps=num_steps, **axes)
+    samples, nfe = generate(trainer, SamplingModule(net, dataset.sample_shape, sampler), cfg.seed,
+                            cfg.num_samples, cfg.batch_size)
+    seconds = time.perf_counter() - start
+    sigma0 = start_sigma(net, num_steps, axes["schedule"], axes["discretization"])
+    error = None  # a stochastic sampler does not converge to the ODE's solution: no truncation error
+    if cfg.metric.sampler_error and not axes["churn"].stochastic:
+        if sigma0 not in references:
+            references[sigma0] = _reference_solution(cfg, trainer, net, dataset, sigma0)
+        error = rms_error(samples, references[sigma0])
+    return samples, {"num_steps": num_steps, "nfe": nfe, str(cfg.metric.name): frechet(samples.float()),
+                     "sampler_rmse": error, "sigma_start": sigma0, "seconds": seconds,
+                     "time": dt.datetime.now().isoformat(timespec="seconds")}
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
 
-def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float, cache_dir: Path) -> torch.Tensor:
+def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float) -> torch.Tensor:
     """The same ODE solved with many Heun steps from the same seeds, cached across jobs."""
     key = config_hash({"data": OmegaConf.to_container(cfg.data, resolve=True), "fingerprint": dataset.fingerprint,
                        "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -163,7 +174,7 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
 
     def compute() -> torch.Tensor:
         log.info("reference solution: %d Heun steps from sigma=%.4g", cfg.metric.reference_steps, sigma_start)
-        module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps), 0)
+        module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps))
         return generate(trainer, module, cfg.seed, cfg.num_samples, cfg.batch_size)[0]
 
-    return cached(cache_dir / "references" / f"{key}.pt", compute)
+    return cached(Path(cfg.paths.cache_dir) / "references" / f"{key}.pt", compute)

@@ -1,0 +1,92 @@
+"""The sampling task in process: failure and interruption semantics, the offline FID message, reports."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from edm_lab.evaluate.features import InceptionWeightsMissing
+from edm_lab.tasks.hydra_support import regenerate_report
+from edm_lab.tasks.sample import run_sample
+from edm_lab.track.store import ResultsStore
+from tests.test_configs import compose_cfg
+
+TINY = ["data=toy2d", "data.num_samples=128", "metric=raw", "nfe.steps=[2,3,5]", "num_samples=32",
+        "batch_size=16", "metric.reference_steps=16", "logger=csv", "trainer.enable_progress_bar=false"]
+CHOICES = {"data": "toy2d", "model": "ideal", "precond": "edm", "schedule": "edm", "scaling": "none",
+           "discretization": "edm", "solver": "heun", "churn": "none", "metric": "raw"}
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("extractor crashed"), KeyboardInterrupt()])
+def test_failure_keeps_completed_rows_and_writes_no_partial_one(failure, tmp_path, monkeypatch):
+    from edm_lab.evaluate.features import FrechetDistance
+
+    real = FrechetDistance.__call__
+    calls = []
+
+    def flaky(self, samples):
+        calls.append(1)
+        if len(calls) == 2:
+            raise failure
+        return real(self, samples)
+
+    monkeypatch.setattr(FrechetDistance, "__call__", flaky)
+    cfg = compose_cfg(tmp_path, *TINY)
+    with pytest.raises(type(failure)):
+        run_sample(cfg, CHOICES)
+    rows = ResultsStore(cfg.paths.results_dir).rows()
+    assert [r["num_steps"] for r in rows] == [2]  # the point before the failure, complete
+    assert math.isfinite(rows[0]["fd_raw"]) and math.isfinite(rows[0]["sampler_rmse"])
+    assert not list((tmp_path / "results").rglob("*.tmp"))
+
+    # Resuming computes only what is missing.
+    monkeypatch.setattr(FrechetDistance, "__call__", real)
+    resumed = run_sample(cfg, CHOICES)
+    assert [r["num_steps"] for r in resumed] == [2, 3, 5]
+    assert resumed[0]["time"] == rows[0]["time"]
+
+
+def test_rows_carry_axes_params_and_measured_nfe(tmp_path):
+    cfg = compose_cfg(tmp_path, *TINY, "solver=midpoint", "discretization.rho=3")
+    rows = run_sample(cfg, {**CHOICES, "solver": "midpoint"}, overrides=["solver=midpoint", "discretization.rho=3"])
+    assert [(r["num_steps"], r["nfe"]) for r in rows] == [(2, 3), (3, 5), (5, 9)]
+    for r in rows:
+        assert r["alpha"] == 0.5 and r["rho"] == 3 and r["S_churn"] == 0 and r["sigma_start"] == pytest.approx(80)
+        assert "discretization.rho=3" in r["label"] and "solver=midpoint" in r["label"]
+
+
+def test_stochastic_sampler_has_no_ode_error(tmp_path):
+    cfg = compose_cfg(tmp_path, *TINY, "churn=imagenet")
+    rows = run_sample(cfg, {**CHOICES, "churn": "imagenet"})
+    assert all(r["sampler_rmse"] is None and math.isfinite(r["fd_raw"]) for r in rows)
+    assert rows[0]["S_churn"] == 40 and rows[0]["S_noise"] == 1.003
+
+
+def test_results_do_not_depend_on_batch_size(tmp_path):
+    a = run_sample(compose_cfg(tmp_path / "a", *TINY, "batch_size=32"), CHOICES)
+    b = run_sample(compose_cfg(tmp_path / "b", *TINY, "batch_size=5"), CHOICES)
+    assert a[0]["config_hash"] == b[0]["config_hash"]
+    for ra, rb in zip(a, b):
+        assert ra["fd_raw"] == pytest.approx(rb["fd_raw"], rel=1e-9, abs=1e-9)
+        assert ra["sampler_rmse"] == pytest.approx(rb["sampler_rmse"], rel=1e-9, abs=1e-12)
+
+
+def test_fid_without_inception_weights_fails_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cfg = compose_cfg(tmp_path, "metric=fid", "data.limit=64", "logger=wandb")
+    with pytest.raises(InceptionWeightsMissing) as info:
+        run_sample(cfg, {**CHOICES, "data": "digits", "metric": "fid"})
+    message = str(info.value)
+    assert "pt_inception-2015-12-05-6726825d.pth" in message and "metric.extractor.weights_path" in message
+    assert str(tmp_path / "hub") in message
+    assert not (tmp_path / "results").exists() and not (tmp_path / "out").exists()
+
+
+def test_report_task_regenerates_from_the_store(tmp_path):
+    cfg = compose_cfg(tmp_path, *TINY)
+    rows = run_sample(cfg, CHOICES)
+    path = regenerate_report(compose_cfg(tmp_path, "task=report"))
+    text = path.read_text()
+    assert path == tmp_path / "reports" / "report.md"
+    assert f"{rows[-1]['fd_raw']:.4g}" in text and "sampler_rmse" in text
