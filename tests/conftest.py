@@ -16,3 +16,13 @@ def load_reference(name: str) -> dict:
     if not path.exists():
         pytest.skip(f"golden file {path} is absent (the shared reference folder is not beside the project)")
     return torch.load(path, weights_only=True)
+
+
+def net_preset(name: str) -> dict:
+    """A network preset of conf/net/ (the single source of the paper's and the small sizes)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "net" / f"{name}.yaml"))
+
+
+NET_PRESETS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "net").glob("*.yaml"))

@@ -33,7 +33,7 @@ def sampler_error(net, latents, axes: dict, num_steps: int) -> tuple[float, int]
 def test_heun_edm_discretization_beats_euler_vp_at_equal_nfe():
     data = digits()
     latents = PerSampleNoise(range(256)).randn((256, *data.sample_shape))
-    vp_net, edm_net = ideal_denoiser(data, VPPrecond()), ideal_denoiser(data, EDMPrecond())
+    vp_net, edm_net = ideal_denoiser(data, VPPrecond), ideal_denoiser(data, EDMPrecond)
     for heun_steps in (18, 35):  # 35 and 69 NFE
         edm_error, edm_nfe = sampler_error(edm_net, latents, EDM, heun_steps)
         vp_error, vp_nfe = sampler_error(vp_net, latents, ORIGINAL_VP, 2 * heun_steps - 1)
@@ -46,7 +46,7 @@ def test_heun_beats_euler_at_equal_nfe_on_the_edm_discretization(steps):
     """Same discretization family, Heun at N steps vs Euler at 2N - 1 steps."""
     data = digits()
     latents = PerSampleNoise(range(128)).randn((128, *data.sample_shape))
-    net = ideal_denoiser(data, EDMPrecond())
+    net = ideal_denoiser(data, EDMPrecond)
     heun_error, heun_nfe = sampler_error(net, latents, EDM, steps)
     euler_error, euler_nfe = sampler_error(net, latents, {**EDM, "solver": Euler()}, 2 * steps - 1)
     assert heun_nfe == euler_nfe

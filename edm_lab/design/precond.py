@@ -5,10 +5,16 @@ F(x, c_noise, class_labels=..., **kwargs)) and declares the noise range it suppo
 rounding of sigma. Arithmetic is float32 like the reference, so that parameter names
 (`model.*`, `u`) and numerics match its networks. `model` may be omitted when only the
 noise-level interface (sigma_min, sigma_max, round_sigma, coefficients) is wanted.
+
+Like the reference preconditioners, the forward pass normalises class labels for the network
+(None when unconditional, a zero one-hot row when none are given), can run the inner network
+in fp16/bf16 on CUDA (`precision`, overridable per call with `force_fp32`) and always returns
+float32. `img_resolution`, `img_channels` and `label_dim` are read off the inner network.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,17 +22,44 @@ from torch import Tensor, nn
 from edm_lab.design.discretizations import iddpm_alpha_bar
 from edm_lab.design.schedules import VP_BETA_D, VP_BETA_MIN
 
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _model_attr(model: object, *names: str) -> Any:
+    """The first of `names` that the inner network defines, else None."""
+    for name in names:
+        value = getattr(model, name, None)
+        if value is not None:
+            return value
+    return None
+
 
 class Precond(nn.Module):
-    """Base: the forward pass shared by every preconditioner."""
+    """Base: the forward pass shared by every preconditioner.
+
+    `img_channels` given explicitly keeps only the network's first img_channels outputs (an
+    iDDPM/ADM network also predicts a variance); otherwise it is the network's input channels.
+    `label_dim` defaults to the network's; left unknown (a network without the attribute),
+    class labels pass through untouched. `precision` ('fp32' | 'fp16' | 'bf16') is the dtype
+    the inner network runs in on CUDA; elsewhere, or with `force_fp32=True`, it runs in float32.
+    """
 
     sigma_min: float
     sigma_max: float
 
-    def __init__(self, model: nn.Module | None = None, img_channels: int | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, img_channels: int | None = None, precision: str = "fp32",
+                 label_dim: int | None = None) -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precond.precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.model = model
-        self.img_channels = img_channels
+        self.img_channels = img_channels if img_channels is not None else _model_attr(model, "img_channels",
+                                                                                      "in_channels")
+        self.img_resolution = _model_attr(model, "img_resolution")
+        label_dim = label_dim if label_dim is not None else _model_attr(model, "label_dim")
+        self.label_dim = int(label_dim or 0)  # 0 = unconditional (or unknown)
+        self._labels_known = label_dim is not None
+        self.precision = precision
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) at `sigma`."""
@@ -36,13 +69,33 @@ class Precond(nn.Module):
         """Continuous preconditioners take sigma as it is."""
         return torch.as_tensor(sigma)
 
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **model_kwargs) -> Tensor:
+    def model_dtype(self, x: Tensor, force_fp32: bool = False) -> torch.dtype:
+        """The dtype the inner network runs in for input `x` (reduced precision only on CUDA)."""
+        if force_fp32 or x.device.type != "cuda":
+            return torch.float32
+        return PRECISIONS[self.precision]
+
+    def prepare_labels(self, class_labels: Tensor | None, device: torch.device) -> Tensor | None:
+        """Class labels as the network expects them: float32 [N, label_dim], zeros [1, label_dim] if none."""
+        if not self._labels_known:  # an inner model of unknown conditioning: leave the labels alone
+            return class_labels
+        if self.label_dim == 0:
+            return None
+        if class_labels is None:
+            return torch.zeros([1, self.label_dim], device=device)
+        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, force_fp32: bool = False,
+                **model_kwargs) -> Tensor:
+        """D(x; sigma) in float32; `model_kwargs` (e.g. augment_labels) go to the inner network."""
         if self.model is None:
             raise RuntimeError(f"{type(self).__name__} has no inner network: pass model=...")
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+        class_labels = self.prepare_labels(class_labels, x.device)
+        dtype = self.model_dtype(x, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model(c_in * x, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         if self.img_channels is not None:
             F_x = F_x[:, :self.img_channels]  # ADM-style nets also predict a variance: drop it
         return c_skip * x + c_out * F_x.to(torch.float32)
@@ -52,8 +105,9 @@ class VPPrecond(Precond):
     """c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1), c_noise = (M - 1) sigma^-1(sigma)."""
 
     def __init__(self, model: nn.Module | None = None, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN,
-                 M: int = 1000, epsilon_t: float = 1e-5, img_channels: int | None = None) -> None:
-        super().__init__(model, img_channels)
+                 M: int = 1000, epsilon_t: float = 1e-5, img_channels: int | None = None, precision: str = "fp32",
+                 label_dim: int | None = None) -> None:
+        super().__init__(model, img_channels, precision, label_dim)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1))
@@ -74,8 +128,8 @@ class VEPrecond(Precond):
     """c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2)."""
 
     def __init__(self, model: nn.Module | None = None, sigma_min: float = 0.02, sigma_max: float = 100.0,
-                 img_channels: int | None = None) -> None:
-        super().__init__(model, img_channels)
+                 img_channels: int | None = None, precision: str = "fp32", label_dim: int | None = None) -> None:
+        super().__init__(model, img_channels, precision, label_dim)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def coefficients(self, sigma):
@@ -86,8 +140,8 @@ class IDDPMPrecond(Precond):
     """c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1), c_noise = M - 1 - argmin_j |u_j - sigma|."""
 
     def __init__(self, model: nn.Module | None = None, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
-                 img_channels: int | None = None) -> None:
-        super().__init__(model, img_channels)
+                 img_channels: int | None = None, precision: str = "fp32", label_dim: int | None = None) -> None:
+        super().__init__(model, img_channels, precision, label_dim)
         self.C_1, self.C_2, self.M = C_1, C_2, M
         # float32 table, as the reference stores it in its checkpoints
         u = torch.zeros(M + 1)
@@ -114,8 +168,9 @@ class EDMPrecond(Precond):
     """c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2), c_noise = ln(sigma)/4."""
 
     def __init__(self, model: nn.Module | None = None, sigma_min: float = 0.0, sigma_max: float = math.inf,
-                 sigma_data: float = 0.5, img_channels: int | None = None) -> None:
-        super().__init__(model, img_channels)
+                 sigma_data: float = 0.5, img_channels: int | None = None, precision: str = "fp32",
+                 label_dim: int | None = None) -> None:
+        super().__init__(model, img_channels, precision, label_dim)
         if sigma_data <= 0:
             raise ValueError(f"precond.sigma_data must be > 0, got {sigma_data}")
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data

@@ -41,7 +41,12 @@ class SamplingModule(L.LightningModule):
     def predict_step(self, seeds: Tensor, batch_idx: int) -> dict[str, Any]:
         noise = PerSampleNoise(seeds.tolist(), device=self.device)
         latents = noise.randn((len(seeds), *self.sample_shape), device=self.device)
-        result = self.sampler(self.net, latents, randn_like=noise.randn_like)
+        class_labels = None
+        label_dim = getattr(self.net, "label_dim", 0)
+        if label_dim:  # drawn from each seed's generator after its latents, as the reference does
+            class_labels = torch.eye(label_dim, device=self.device)[
+                noise.randint(label_dim, size=[len(seeds)], device=self.device)]
+        result = self.sampler(self.net, latents, class_labels=class_labels, randn_like=noise.randn_like)
         return {"seeds": seeds.cpu(), "samples": result.x.cpu(), "nfe": result.nfe}
 
 

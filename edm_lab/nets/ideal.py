@@ -7,6 +7,7 @@ the posterior mean of y given x = y + sigma n. Evaluated in float64 with a strea
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,8 @@ class IdealDenoiser(nn.Module):
         return (weighted / weight_sum).reshape(batch, *self.sample_shape)
 
 
-def ideal_denoiser(dataset, precond: nn.Module | None = None, chunk_size: int = 4096) -> IdealDenoiser:
-    """The ideal denoiser of a dataset's samples, with the noise levels of `precond`."""
-    return IdealDenoiser(dataset.samples, noise_levels=precond, chunk_size=chunk_size)
+def ideal_denoiser(dataset, precond: Callable[..., nn.Module] | None = None, chunk_size: int = 4096) -> IdealDenoiser:
+    """Model factory for `model=ideal`: the data set's ideal denoiser with the noise levels of `precond`."""
+    denoiser = IdealDenoiser(dataset.samples, noise_levels=precond() if precond else None, chunk_size=chunk_size)
+    denoiser.provenance = {"network": "ideal", "checkpoint": None, "parameters": 0}
+    return denoiser

@@ -195,7 +195,8 @@ def _provenance(frame: pd.DataFrame) -> list[str]:
             lines.append(f"- rows without a numeric `nfe` (kept in results.csv, left out above): {unusable}")
         lines.append(f"- configurations: {_labels(frame).nunique()}")
     for title, column in (("sweeps", "sweep"), ("git commits", "git_commit"), ("data sets", "data"),
-                          ("models", "model"), ("seeds", "seed")):
+                          ("models", "model"), ("networks", "network"), ("checkpoints", "checkpoint"),
+                          ("seeds", "seed")):
         lines.append(f"- {title}: {_distinct(frame, column)}")
     if "time" in frame.columns:
         times = frame["time"].dropna().astype(str)

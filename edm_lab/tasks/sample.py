@@ -75,9 +75,19 @@ def axis_params(axes: Mapping[str, Any]) -> dict[str, Any]:
             "S_churn": churn.S_churn, "S_min": churn.S_min, "S_max": churn.S_max, "S_noise": churn.S_noise}
 
 
-def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str]) -> str:
-    """Human name of a configuration: data/model/precond, then the sampling axes and other overrides."""
-    head = f"{choices.get('data')}/{choices.get('model')}/{choices.get('precond')}"
+def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str],
+               provenance: Mapping[str, Any] | None = None) -> str:
+    """Human name of a configuration: data/model/precond, then the sampling axes and other overrides.
+
+    A network model shows its preset, a loaded one its file: `digits/network(ddpmpp_small)/edm`, `.../checkpoint(a.safetensors)/...`.
+    """
+    provenance = provenance or {}
+    model = choices.get("model")
+    if provenance.get("checkpoint"):
+        model = f"{model}({Path(str(provenance['checkpoint'])).name})"
+    elif model == "network":
+        model = f"network({choices.get('net') or provenance.get('network')})"
+    head = f"{choices.get('data')}/{model}/{choices.get('precond')}"
     axes = " ".join(f"{a}={choices.get(a)}" for a in AXES)
     return " ".join([head, axes, *extra_overrides])
 
@@ -89,13 +99,14 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     axes = {name: instantiate(cfg[name]) for name in AXES}  # raises on bad values before any work
     trainer = instantiate(cfg.trainer)  # an unavailable accelerator fails here, before any output
     dataset = instantiate(cfg.data)
-    net = instantiate(cfg.model)(dataset, instantiate(cfg.precond))
+    net = instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
     extractor = instantiate(cfg.metric.extractor)(dataset, Path(cfg.paths.cache_dir))  # FID weights checked here
     frechet = FrechetDistance(extractor, batch_size=cfg.metric.batch_size)
     frechet.set_reference(dataset.samples)
 
     store = ResultsStore(cfg.paths.results_dir)
-    identity = describe(cfg, choices, overrides, axes, sweep, project_root or Path.cwd())
+    identity = describe(cfg, choices, overrides, axes, sweep, project_root or Path.cwd(),
+                        getattr(net, "provenance", {}))
     metric = str(cfg.metric.name)
     tracker = CurveTracker(instantiate(cfg.logger) if cfg.get("logger") else None, [metric, "sampler_rmse"],
                            OmegaConf.to_container(cfg, resolve=True))
@@ -127,17 +138,24 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
 
 
 def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str], axes: Mapping[str, Any],
-             sweep: str, project_root: Path) -> dict[str, Any]:
-    """The columns every row of this job shares: config hash, label, axis values, provenance."""
+             sweep: str, project_root: Path, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns every row of this job shares: config hash, label, axis values, provenance.
+
+    `provenance` (from the model factory) names the network and checkpoint behind the rows;
+    a loaded checkpoint's own preconditioner replaces the `precond` choice.
+    """
+    choices = {**choices, **({"precond": provenance["precond"]} if provenance.get("precond") else {})}
     hashed = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
               for k in HASHED}
     hashed["metric"].pop("batch_size", None)
+    hashed["provenance"] = provenance  # a checkpoint is identified by its content, not its path
     params = [o for o in overrides if "." in o.split("=")[0] and not o.startswith(UNHASHED_PREFIXES)]
     return {
-        "config_hash": config_hash(hashed), "label": make_label(choices, params), "sweep": sweep,
+        "config_hash": config_hash(hashed), "label": make_label(choices, params, provenance), "sweep": sweep,
         **{k: choices.get(k) for k in ("data", "model", "precond", *AXES, "metric")},
         **axis_params(axes),
         "num_samples": int(cfg.num_samples), "seed": int(cfg.seed), "git_commit": git_commit(project_root),
+        **{k: v for k, v in provenance.items() if k != "precond"},
     }
 
 
