@@ -140,3 +140,16 @@ def test_two_solver_sweep_on_a_random_ddpmpp_through_run_py(tmp_path):
     assert frame.label.str.contains("network(ddpmpp_small)", regex=False).all()
     assert frame.parameters.nunique() == 1 and frame.parameters.iloc[0] > 100_000
     assert (tmp_path / "reports" / "report.md").read_text().count("network(ddpmpp_small)") >= 2
+
+
+def test_precision_override_of_a_loaded_network(tmp_path):
+    from edm_lab.checkpoints.snapshot import checkpoint_denoiser
+
+    path = save_checkpoint(random_denoiser(), tmp_path / "p.safetensors")
+    assert checkpoint_denoiser(DATA, None, str(path)).precision == "fp32"
+    assert checkpoint_denoiser(DATA, None, str(path), precision="bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="model.precision"):
+        checkpoint_denoiser(DATA, None, str(path), precision="fp8")
+    # On the CPU the network still runs in float32, so the outputs are unchanged.
+    assert torch.equal(outputs(checkpoint_denoiser(DATA, None, str(path), precision="fp16")),
+                       outputs(load_checkpoint(path)))

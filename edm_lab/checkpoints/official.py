@@ -587,14 +587,18 @@ def load_official(source: str | Path, cache_dir: str | Path | None = None) -> di
     return result
 
 
-def official_denoiser(dataset, precond, path: str, cache_dir: str | Path | None = None) -> nn.Module:
-    """Model factory for `model=official`: the snapshot's EMA network (its own preconditioner wins)."""
-    from edm_lab.checkpoints.snapshot import check_sample_shape, file_sha256
+def official_denoiser(dataset, precond, path: str, cache_dir: str | Path | None = None,
+                      precision: str | None = None) -> nn.Module:
+    """Model factory for `model=official`: the snapshot's EMA network (its own preconditioner wins).
+
+    `precision` (fp32 | fp16 | bf16) overrides the snapshot's use_fp16 on CUDA.
+    """
+    from edm_lab.checkpoints.snapshot import check_sample_shape, file_sha256, set_precision
     from edm_lab.nets import count_parameters
     from edm_lab.nets.denoisers import precond_choice
 
     loaded = load_official(path, cache_dir)
-    denoiser = loaded["ema"]
+    denoiser = set_precision(loaded["ema"], precision)
     check_sample_shape(denoiser, dataset, f"snapshot {path}")
     denoiser.provenance = {"network": type(denoiser.model).__name__, "checkpoint": str(path),
                            "checkpoint_sha256": file_sha256(loaded["path"]), "parameters": count_parameters(denoiser),

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from edm_lab.atomic import atomic_write_bytes
+from edm_lab.design.precond import PRECISIONS
 from edm_lab.nets import count_parameters
 from edm_lab.nets.denoisers import build_denoiser, precond_choice
 
@@ -75,13 +76,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_denoiser(dataset, precond, path: str) -> nn.Module:
-    """Model factory for `model=checkpoint`: the stored network (its own preconditioner wins)."""
-    denoiser = load_checkpoint(path)
+def checkpoint_denoiser(dataset, precond, path: str, precision: str | None = None) -> nn.Module:
+    """Model factory for `model=checkpoint`: the stored network (its own preconditioner wins).
+
+    `precision` (fp32 | fp16 | bf16) overrides the compute dtype stored with the network.
+    """
+    denoiser = set_precision(load_checkpoint(path), precision)
     check_sample_shape(denoiser, dataset, f"checkpoint {path}")
     denoiser.provenance = {"network": denoiser.build_spec["network"]["model_type"], "checkpoint": str(path),
                            "checkpoint_sha256": file_sha256(path), "parameters": count_parameters(denoiser),
                            "precond": precond_choice(denoiser)}
+    return denoiser
+
+
+def set_precision(denoiser: nn.Module, precision: str | None) -> nn.Module:
+    """Run a loaded network's inner model in `precision` on CUDA (None keeps its own)."""
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"model.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        denoiser.precision = precision
     return denoiser
 
 

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import silu
 
-from edm_lab.nets.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from edm_lab.nets.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, UNetIO
 
 
-class DhariwalUNet(nn.Module):
+class DhariwalUNet(UNetIO):
     """U-Net of ADM: positional noise embedding, scale/shift conditioning, multi-head attention
     with 64 channels per head (layers narrower than 64 channels get no attention).
 
@@ -37,13 +37,7 @@ class DhariwalUNet(nn.Module):
                  dropout: float = 0.10,                         # dropout of block activations
                  label_dropout: float = 0,                      # class-label dropout (classifier-free guidance)
                  ) -> None:
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.augment_dim = augment_dim
-        self.label_dropout = label_dropout
+        super().__init__(img_resolution, in_channels, out_channels, label_dim, augment_dim, label_dropout)
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
@@ -99,12 +93,7 @@ class DhariwalUNet(nn.Module):
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError(f"DhariwalUNet with label_dim={self.label_dim} needs class_labels")
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = self.class_embedding_input(class_labels, x.shape[0], x.device)
             emb = emb + self.map_label(labels)
         emb = silu(emb)
 

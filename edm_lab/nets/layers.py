@@ -266,3 +266,22 @@ class FourierEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.ger((2 * math.pi * self.freqs).to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class UNetIO(nn.Module):
+    """What every U-Net here exposes to preconditioners and loaders, and its class-label dropout."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int,
+                 augment_dim: int, label_dropout: float) -> None:
+        super().__init__()
+        self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
+        self.label_dim, self.augment_dim, self.label_dropout = label_dim, augment_dim, label_dropout
+
+    def class_embedding_input(self, class_labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """The class labels, each zeroed with probability label_dropout while training."""
+        if class_labels is None:
+            raise ValueError(f"{type(self).__name__} with label_dim={self.label_dim} needs class_labels")
+        if self.training and self.label_dropout:
+            keep = torch.rand([batch, 1], device=device) >= self.label_dropout
+            return class_labels * keep.to(class_labels.dtype)
+        return class_labels

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import silu
 
-from edm_lab.nets.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from edm_lab.nets.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
+                                   UNetIO)
 
 EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "skip", "residual")
@@ -24,7 +25,7 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"SongUNet {name} must be one of {list(choices)}, got {value!r}")
 
 
-class SongUNet(nn.Module):
+class SongUNet(UNetIO):
     """U-Net of DDPM++ (positional embedding, standard encoder, [1,1] filter) and NCSN++
     (Fourier embedding, residual encoder, [1,3,3,1] filter).
 
@@ -55,13 +56,7 @@ class SongUNet(nn.Module):
         _check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
         _check_choice("encoder_type", encoder_type, ENCODER_TYPES)
         _check_choice("decoder_type", decoder_type, DECODER_TYPES)
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.augment_dim = augment_dim
-        self.label_dropout = label_dropout
+        super().__init__(img_resolution, in_channels, out_channels, label_dim, augment_dim, label_dropout)
         resample_filter = list(resample_filter)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
@@ -134,12 +129,7 @@ class SongUNet(nn.Module):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos], as Song et al.
         if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError(f"SongUNet with label_dim={self.label_dim} needs class_labels")
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = self.class_embedding_input(class_labels, x.shape[0], x.device)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
