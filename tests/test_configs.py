@@ -29,7 +29,7 @@ def compose_cfg(tmp_path: Path, *overrides: str):
     """The job config as run.py would see it, with every path under tmp_path."""
     register_resolvers()
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"paths.root={tmp_path}", f"paths.output_dir={tmp_path}/out"],
+        cfg = compose("config", overrides=[f"paths.root={tmp_path}", f"paths.output_dir={tmp_path}/out", *overrides],
                       return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):  # a job's own config has no hydra node; HydraConfig keeps it
@@ -51,14 +51,16 @@ def test_groups_map_onto_the_axes():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_instantiates(group, option, tmp_path):
     small = "data.num_samples=64" if (group, option) == ("data", "toy2d") else "data.limit=64"
-    needs_file = (group, option) in (("model", "checkpoint"), ("model", "official"))
-    cfg = compose_cfg(tmp_path, f"{group}={option}", small, *(["model.path=x"] if needs_file else []))
+    needs_file = (group, option) in (("model", "checkpoint"), ("model", "official"), ("data", "image_folder"))
+    if (group, option) == ("data", "image_folder"):
+        small = "data.path=x"  # reading real files: tests/test_datasets.py
+    cfg = compose_cfg(tmp_path, f"{group}={option}", small, *([f"{group}.path=x"] if needs_file else []))
     axes = {name: instantiate(cfg[name]) for name in AXES}
+    if needs_file:  # loading real files: tests/test_checkpoints.py, test_official.py, test_datasets.py
+        assert cfg[group].path == "x"
+        return
     data = instantiate(cfg.data)
     assert isinstance(data, ArrayDataset)
-    if needs_file:  # loading real files is covered by tests/test_checkpoints.py and tests/test_official.py
-        assert callable(instantiate(cfg.model))
-        return
     net = instantiate(cfg.model)(data, instantiate(cfg.precond, _partial_=True))
     latents = torch.randn(4, *data.sample_shape)
     result = sample(net, latents, 3, **axes)
@@ -67,7 +69,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     assert cfg.logger._target_.startswith("lightning.pytorch.loggers.")
     if cfg.trainer.accelerator == "cpu":
         instantiate(cfg.trainer)
-    assert cfg.task.name in ("sample", "report")
+    assert cfg.task.name in ("sample", "train", "report")
 
 
 def test_wandb_logger_is_offline_by_default(tmp_path):

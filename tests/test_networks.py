@@ -7,7 +7,6 @@ below randomise all weights wherever the output must depend on the whole network
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -158,18 +157,14 @@ def test_small_presets_run_with_class_and_augment_labels(name, resolution):
 
 
 @pytest.mark.parametrize("name", SMALL)
-def test_small_presets_train_step_is_fast(name):
+def test_small_presets_train_step(name):
+    """Every parameter of a small preset gets a finite gradient (timings: bench/network_throughput.py)."""
     torch.manual_seed(0)
     net = build_preset(name, 8, channels=1, label_dim=10).train()
     x, labels = torch.randn(64, 1, 8, 8), one_hot(64, 10)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        net(x, torch.randn(64), labels).square().mean().backward()
-        times.append(time.perf_counter() - start)
-    print(f"{name}: {count_parameters(net):,} parameters, forward+backward {min(times) * 1e3:.0f} ms")
-    assert min(times) < 1.0
-    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    net(x, torch.randn(64), labels).square().mean().backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,15 +39,20 @@ class SamplingModule(L.LightningModule):
         self.net, self.sample_shape, self.sampler = net, tuple(sample_shape), sampler
 
     def predict_step(self, seeds: Tensor, batch_idx: int) -> dict[str, Any]:
-        noise = PerSampleNoise(seeds.tolist(), device=self.device)
-        latents = noise.randn((len(seeds), *self.sample_shape), device=self.device)
-        class_labels = None
-        label_dim = getattr(self.net, "label_dim", 0)
-        if label_dim:  # drawn from each seed's generator after its latents, as the reference does
-            class_labels = torch.eye(label_dim, device=self.device)[
-                noise.randint(label_dim, size=[len(seeds)], device=self.device)]
-        result = self.sampler(self.net, latents, class_labels=class_labels, randn_like=noise.randn_like)
+        result = sample_seeds(self.net, self.sample_shape, self.sampler, seeds.tolist(), self.device)
         return {"seeds": seeds.cpu(), "samples": result.x.cpu(), "nfe": result.nfe}
+
+
+def sample_seeds(net: nn.Module, sample_shape: tuple[int, ...], sampler: Sampler, seeds: list[int],
+                 device: torch.device | str = "cpu") -> SampleResult:
+    """Sample i from seed i: latents, then class labels (if any), then churn noise, all from that seed."""
+    noise = PerSampleNoise(seeds, device=device)
+    latents = noise.randn((len(seeds), *sample_shape), device=device)
+    class_labels = None
+    label_dim = getattr(net, "label_dim", 0)
+    if label_dim:  # drawn from each seed's generator after its latents, as the reference does
+        class_labels = torch.eye(label_dim, device=device)[noise.randint(label_dim, size=[len(seeds)], device=device)]
+    return sampler(net, latents, class_labels=class_labels, randn_like=noise.randn_like)
 
 
 def generate(trainer: L.Trainer, module: SamplingModule, first_seed: int, num_samples: int,

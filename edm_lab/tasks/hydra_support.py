@@ -42,12 +42,20 @@ def run_task(cfg: DictConfig) -> Any:
     if name == "sample":
         from edm_lab.tasks.sample import run_sample
 
-        hc = HydraConfig.get()
-        choices = {k: v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra")}
-        return run_sample(cfg, choices, list(hc.overrides.task), sweep=sweep_id(), project_root=PROJECT_ROOT)
+        return run_sample(cfg, _choices(), list(HydraConfig.get().overrides.task), sweep=sweep_id(),
+                          project_root=PROJECT_ROOT)
+    if name == "train":
+        from edm_lab.tasks.train import run_train
+
+        return run_train(cfg, _choices(), sweep=sweep_id(), project_root=PROJECT_ROOT)
     if name == "report":
         return regenerate_report(cfg)
-    raise ValueError(f"task.name={name!r} is not a task here (sample, report)")
+    raise ValueError(f"task.name={name!r} is not a task here (sample, train, report)")
+
+
+def _choices() -> dict[str, str]:
+    """The option chosen in every config group of this job (hydra's own groups left out)."""
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")}
 
 
 def regenerate_report(cfg: DictConfig) -> Path:

@@ -1,0 +1,48 @@
+"""Forward+backward time of the network presets on a batch of digits-sized images.
+
+    python bench/network_throughput.py [--device cuda] [--batch 64] [--resolution 8] [--preset ddpmpp_small ...]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from edm_lab.nets import build_network, count_parameters
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "net"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preset", nargs="*", default=["ddpmpp_small", "ncsnpp_small", "adm_small"])
+    args = parser.parse_args()
+    print(f"device={args.device} batch={args.batch} {args.channels}x{args.resolution}x{args.resolution}")
+    for name in args.preset:
+        kwargs = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+        net = build_network(kwargs.pop("model_type"), img_resolution=args.resolution, in_channels=args.channels,
+                            out_channels=args.channels, label_dim=0, **kwargs).to(args.device).train()
+        x = torch.randn(args.batch, args.channels, args.resolution, args.resolution, device=args.device)
+        best = float("inf")
+        for _ in range(args.repeats):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            net(x, torch.randn(args.batch, device=args.device), None).square().mean().backward()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        print(f"{name:14s} {count_parameters(net):>11,} params  forward+backward {best * 1e3:8.1f} ms  "
+              f"{args.batch / best:10.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

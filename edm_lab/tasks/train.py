@@ -1,0 +1,183 @@
+"""The training task: `python run.py task=train net=... precond=... noise=... weighting=... augment=...`.
+
+Builds the network for the data set, trains it with the paper's recipe through Lightning
+(checkpoints, resume, DDP, precision from the `trainer` group), evaluates the EMA every
+`task.eval_kimg` with the configured sampler, and saves the final EMA network in this
+project's checkpoint format for `model=checkpoint`.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from edm_lab.checkpoints.snapshot import save_checkpoint
+from edm_lab.design.losses import DenoisingLoss
+from edm_lab.design.sampler import sample
+from edm_lab.evaluate.features import FrechetDistance
+from edm_lab.evaluate.sampling import sample_seeds
+from edm_lab.nets.denoisers import network_denoiser
+from edm_lab.tasks.sample import AXES, ConfigError, git_commit
+from edm_lab.track.store import ResultsStore, config_hash
+from edm_lab.train.module import DiffusionModule, InfiniteSampler
+
+log = logging.getLogger(__name__)
+
+
+def batch_split(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(images per device per pass, accumulation rounds) giving task.batch_size per optimizer step."""
+    t = cfg.task
+    batch_gpu = t.batch_gpu or t.batch_size // world_size
+    rounds = t.batch_size // (batch_gpu * world_size) if batch_gpu else 0
+    if batch_gpu < 1 or rounds < 1 or batch_gpu * world_size * rounds != t.batch_size:
+        raise ConfigError(f"task.batch_size={t.batch_size} is not task.batch_gpu={t.batch_gpu} x {world_size} "
+                          "devices x an integer number of accumulation rounds")
+    return batch_gpu, rounds
+
+
+def validate(cfg: DictConfig) -> None:
+    """Plain numbers of the training config, checked before any work."""
+    t = cfg.task
+    for key in ("batch_size", "duration_kimg", "snapshot_kimg", "log_kimg"):
+        if not t[key] > 0:
+            raise ConfigError(f"task.{key} must be > 0, got {t[key]}")
+    for key in ("lr", "ema_halflife_kimg"):
+        if not t[key] > 0:
+            raise ConfigError(f"task.{key} must be > 0, got {t[key]}")
+    for key in ("lr_rampup_kimg", "eval_kimg"):
+        if t[key] < 0:
+            raise ConfigError(f"task.{key} must be >= 0, got {t[key]}")
+    if t.resume is not None and not Path(t.resume).is_file():
+        raise ConfigError(f"task.resume={t.resume} does not exist")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(image, one-hot label) pairs; the label has width 0 for unconditional training."""
+
+    def __init__(self, dataset, conditional: bool) -> None:
+        self.samples = dataset.samples
+        width = dataset.num_classes if conditional else 0
+        self.labels = (torch.nn.functional.one_hot(dataset.labels, width).float() if width
+                       else torch.zeros(len(dataset.samples), 0))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return self.samples[i], self.labels[i]
+
+
+class EvaluateEMA(L.Callback):
+    """Every `every_kimg`, sample with the EMA network and log the metric against kimg."""
+
+    def __init__(self, every_kimg: float, evaluate) -> None:
+        self.every_nimg, self.evaluate, self.done = every_kimg * 1000, evaluate, -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: DiffusionModule, *args: Any) -> None:
+        mark = int(module.cur_nimg // self.every_nimg) if self.every_nimg else -1
+        if mark > self.done:
+            self.done = mark
+            self._run(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: DiffusionModule) -> None:
+        if self.every_nimg and module.cur_nimg % self.every_nimg:
+            self._run(trainer, module)  # the final network is always evaluated
+
+    def _run(self, trainer: L.Trainer, module: DiffusionModule) -> None:
+        if trainer.is_global_zero:
+            metrics = self.evaluate(module.ema, module.cur_nimg)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+
+
+def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
+              project_root: Path | None = None) -> dict[str, Any]:
+    """Train; returns the final evaluation and where the checkpoints went."""
+    validate(cfg)
+    t = cfg.task
+    axes = {name: instantiate(cfg[name]) for name in AXES}
+    loss = DenoisingLoss(instantiate(cfg.noise), instantiate(cfg.weighting))
+    augment_pipe = instantiate(cfg.augment) if cfg.get("augment") else None
+    dataset = instantiate(cfg.data)
+    net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
+    net_cfg["augment_dim"] = augment_pipe.label_dim if augment_pipe is not None else 0
+    denoiser = network_denoiser(dataset, instantiate(cfg.precond, _partial_=True), net_cfg, seed=cfg.seed,
+                                class_conditional=t.class_conditional).train()
+    module = DiffusionModule(denoiser, loss, batch_size=t.batch_size, augment_pipe=augment_pipe, lr=t.lr,
+                             betas=tuple(t.betas), eps=t.eps, lr_rampup_kimg=t.lr_rampup_kimg,
+                             ema_halflife_kimg=t.ema_halflife_kimg, ema_rampup_ratio=t.ema_rampup_ratio)
+
+    output_dir = Path(cfg.paths.output_dir)
+    steps = math.ceil(t.duration_kimg * 1000 / t.batch_size)  # optimizer steps (Lightning's global_step)
+    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="snapshot-{step:07d}", save_top_k=-1,
+                                  auto_insert_metric_name=False,  # no '=' in file names: they go into overrides
+                                  save_last=True, every_n_train_steps=max(1, round(t.snapshot_kimg * 1000 / t.batch_size)))
+    callbacks: list[L.Callback] = [checkpoints]
+    if t.eval_kimg:
+        callbacks.append(EvaluateEMA(t.eval_kimg, _evaluator(cfg, choices, dataset, axes, sweep, project_root)))
+    trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=callbacks, enable_checkpointing=True,
+                          log_every_n_steps=max(1, round(t.log_kimg * 1000 / t.batch_size)),
+                          logger=instantiate(cfg.logger) if cfg.get("logger") else False,
+                          use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0)
+    batch_gpu, trainer.accumulate_grad_batches = batch_split(cfg, trainer.world_size)
+
+    sampler = InfiniteSampler(len(dataset), seed=cfg.seed, rank=lambda: trainer.global_rank,
+                              world_size=lambda: trainer.world_size, start=lambda: module.cur_nimg)
+    loader = DataLoader(PairDataset(dataset, t.class_conditional), batch_size=batch_gpu, sampler=sampler,
+                        num_workers=t.num_workers, persistent_workers=t.num_workers > 0, drop_last=True)
+    began = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=t.resume)
+    result = {"kimg": module.kimg, "seconds": time.perf_counter() - began, "checkpoints": str(checkpoints.dirpath)}
+    if trainer.is_global_zero:
+        final = save_checkpoint(module.ema, output_dir / f"network-snapshot-{int(module.kimg):06d}.safetensors",
+                                extra={"kimg": module.kimg, "git_commit": git_commit(project_root or Path.cwd())})
+        result["network"] = str(final)
+        print(f"trained {module.kimg:g} kimg in {result['seconds']:.0f}s; EMA network: {final} "
+              f"(sample with model=checkpoint model.path={final}); checkpoints: {checkpoints.dirpath}")
+    return result
+
+
+def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep: str, project_root: Path | None):
+    """evaluate(ema, nimg) -> metrics: sample with the sampling axes, Frechet distance, a store row."""
+    t = cfg.task
+    extractor = instantiate(cfg.metric.extractor)(dataset, Path(cfg.paths.cache_dir))
+    frechet = FrechetDistance(extractor, batch_size=cfg.metric.batch_size)
+    frechet.set_reference(dataset.samples)
+    store = ResultsStore(cfg.paths.results_dir)
+    sampler = functools.partial(sample, num_steps=t.eval_steps, **axes)
+    run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
+                  ("data", "net", "precond", "noise", "weighting", "augment", "task", "metric") if cfg.get(k) is not None}
+    run_config["seed"] = cfg.seed
+
+    def evaluate(ema: torch.nn.Module, nimg: int) -> dict[str, float]:
+        device = next(ema.parameters()).device
+        samples, nfe = [], 0
+        for first in range(0, cfg.num_samples, cfg.batch_size):
+            seeds = list(range(cfg.seed + first, cfg.seed + min(first + cfg.batch_size, cfg.num_samples)))
+            with torch.no_grad():
+                result = sample_seeds(ema, dataset.sample_shape, sampler, seeds, device)
+            samples.append(result.x.cpu())
+            nfe = result.nfe
+        value = frechet(torch.cat(samples).float())
+        row = {"config_hash": config_hash({**run_config, "kimg": nimg / 1000}), "num_steps": t.eval_steps,
+               "nfe": nfe, cfg.metric.name: value, "kimg": nimg / 1000, "task": "train", "sweep": sweep,
+               "label": f"train {choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
+                        f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
+                        f"augment={choices.get('augment')} @ {nimg / 1000:g} kimg",
+               **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment", *AXES)},
+               "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": git_commit(project_root or Path.cwd())}
+        store.write(row)
+        log.info("kimg %.1f: %s=%.4g (NFE %d)", nimg / 1000, cfg.metric.name, value, nfe)
+        return {cfg.metric.name: value, "kimg": nimg / 1000}
+
+    return evaluate

@@ -1,0 +1,1 @@
+"""Training: the Lightning module, EMA and the augmentation pipe."""

@@ -1,0 +1,151 @@
+"""Training: the task end to end, gradient accumulation, exact resume, the data stream."""
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from edm_lab.checkpoints.snapshot import load_checkpoint
+from edm_lab.data import digits
+from edm_lab.design.losses import DenoisingLoss, EDMNoise, EDMWeighting
+from edm_lab.design.precond import EDMPrecond
+from edm_lab.nets.denoisers import network_denoiser
+from edm_lab.tasks.train import run_train
+from edm_lab.track.store import ResultsStore
+from edm_lab.train.module import DiffusionModule, InfiniteSampler
+from tests.conftest import net_preset
+from tests.test_configs import compose_cfg
+
+TINY = ["task=train", "net=ddpmpp_small", "data.limit=256", "task.batch_size=32", "task.lr_rampup_kimg=0.05",
+        "task.ema_halflife_kimg=0.1", "task.log_kimg=0.032", "task.num_workers=0", "task.eval_steps=4", "num_samples=64", "batch_size=64",
+        "logger=csv", "trainer.enable_progress_bar=false", "metric=raw"]
+CHOICES = {"data": "digits", "net": "ddpmpp_small", "precond": "edm", "noise": "edm", "weighting": "edm",
+           "augment": "none", "schedule": "edm"}
+
+
+def train(tmp_path: Path, name: str, *overrides: str):
+    cfg = compose_cfg(tmp_path, *TINY, f"paths.output_dir={tmp_path}/{name}", *overrides)
+    return run_train(cfg, CHOICES), tmp_path / name
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    rows = list(csv.DictReader(open(next(run_dir.rglob("metrics.csv")))))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_training_task_checkpoints_evaluates_and_saves_the_ema(tmp_path):
+    result, run_dir = train(tmp_path, "run", "task.duration_kimg=0.128", "task.snapshot_kimg=0.064",
+                            "task.eval_kimg=0.064")
+    assert result["kimg"] == pytest.approx(0.128)
+    snapshots = sorted(p.name for p in (run_dir / "checkpoints").glob("snapshot-*.ckpt"))
+    assert snapshots == ["snapshot-0000002.ckpt", "snapshot-0000004.ckpt"]
+    ema = load_checkpoint(result["network"])
+    assert ema.build_spec["network"]["model_type"] == "SongUNet" and ema.checkpoint_extra["kimg"] == pytest.approx(0.128)
+    rows = ResultsStore(tmp_path / "results").rows()
+    assert sorted(r["kimg"] for r in rows) == [0.032, 0.064, 0.128]
+    assert all(r["task"] == "train" and r["nfe"] == 7 and r["fd_raw"] > 0 for r in rows)
+    assert len(logged_losses(run_dir)) == 4
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, full_dir = train(tmp_path, "full", "task.duration_kimg=0.128", "task.snapshot_kimg=0.064",
+                           "task.eval_kimg=0")
+    half = full_dir / "checkpoints" / "snapshot-0000002.ckpt"
+    resumed, resumed_dir = train(tmp_path, "resumed", "task.duration_kimg=0.128", "task.snapshot_kimg=0.064",
+                                 "task.eval_kimg=0", f"task.resume={half}")
+    assert logged_losses(resumed_dir) == logged_losses(full_dir)[2:]
+    a, b = load_checkpoint(full["network"]).state_dict(), load_checkpoint(resumed["network"]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class ContentNoise(DenoisingLoss):
+    """A loss whose sigma and noise depend only on the image, so two batch splits see the same draws."""
+
+    def __call__(self, denoiser, images, class_labels=None, augment_pipe=None):
+        sigma = images.flatten(1).sum(1).abs().add(0.5).reshape(-1, 1, 1, 1)
+        n = torch.sin(images * 1000 + 1) * sigma
+        return EDMWeighting()(sigma) * (denoiser(images + n, sigma.flatten(), class_labels) - images) ** 2
+
+
+@pytest.mark.parametrize("rounds", [2, 4])
+def test_gradient_accumulation_gives_the_same_update(rounds):
+    from edm_lab.tasks.train import PairDataset
+
+    data = PairDataset(digits(limit=64), conditional=False)
+
+    class RecordGradients(L.Callback):
+        grads: dict | None = None
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            if self.grads is None:  # the first update: both runs start from the same weights
+                self.grads = {n: p.grad.clone() for n, p in module.net.named_parameters()}
+
+    def run(batch_gpu: int, accumulate: int) -> dict:
+        torch.manual_seed(0)
+        record = RecordGradients()
+        # Dropout off: its masks depend on how the batch is split, the update must not.
+        net = network_denoiser(digits(limit=8), functools.partial(EDMPrecond), net_preset("ddpmpp_small") | {"dropout": 0},
+                               seed=1).train()
+        module = DiffusionModule(net, ContentNoise(EDMNoise(), EDMWeighting()),
+                                 batch_size=32, lr=1e-3, lr_rampup_kimg=0)
+        sampler = InfiniteSampler(len(data), seed=0, start=lambda: module.cur_nimg)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_gpu, sampler=sampler)
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=accumulate, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[record])
+        trainer.fit(module, loader)
+        assert module.cur_nimg == 64
+        return record.grads
+
+    one, split = run(32, 1), run(32 // rounds, rounds)
+    for key in one:  # equal up to float32 summation order
+        scale = one[key].abs().max().item() + 1e-12
+        torch.testing.assert_close(split[key], one[key], rtol=0, atol=1e-4 * scale, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_infinite_sampler_is_a_resumable_sharded_shuffle():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    whole = take(InfiniteSampler(10, seed=3), 25)
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
+    assert whole[:10] != whole[10:20]  # a new permutation each epoch
+    assert take(InfiniteSampler(10, seed=3, start=lambda: 7), 18) == whole[7:25]
+    ranks = [take(InfiniteSampler(10, seed=3, rank=r, world_size=2), 12) for r in range(2)]
+    interleaved = [x for pair in zip(*ranks) for x in pair]
+    assert interleaved == whole[:24]
+
+
+def test_bad_training_values_fail_early(tmp_path):
+    for override, key in [("task.batch_size=0", "task.batch_size"), ("task.duration_kimg=-1", "task.duration_kimg"),
+                          ("task.batch_gpu=24", "task.batch_size"), ("task.resume=/nope.ckpt", "task.resume")]:
+        cfg = compose_cfg(tmp_path, *TINY, override)
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            run_train(cfg, CHOICES)
+
+
+def test_ddp_on_cpu_with_two_processes(tmp_path):
+    """trainer=ddp with the gloo backend: two ranks, each half the batch, one EMA network saved."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    cmd = [sys.executable, "run.py", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "task.duration_kimg=0.128", "task.snapshot_kimg=0.064", "task.eval_kimg=0", f"paths.root={tmp_path}",
+           f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "trained 0.128 kimg" in proc.stdout
+    snapshots = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("snapshot-*.ckpt"))
+    assert snapshots == ["snapshot-0000002.ckpt", "snapshot-0000004.ckpt"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "snapshot-0000004.ckpt", weights_only=True)
+    assert ckpt["cur_nimg"] == 128 and ckpt["global_step"] == 4
+    assert len(list((tmp_path / "run").glob("network-snapshot-*.safetensors"))) == 1
