@@ -16,7 +16,8 @@ from edm_lab.design.precond import EDMPrecond
 from edm_lab.nets.denoisers import network_denoiser
 from edm_lab.tasks.train import run_train
 from edm_lab.track.store import ResultsStore
-from edm_lab.train.module import DiffusionModule, InfiniteSampler
+from edm_lab.data.datamodule import InfiniteSampler, TrainingView
+from edm_lab.train.module import DiffusionModule
 from tests.conftest import net_preset
 from tests.test_configs import compose_cfg
 
@@ -73,9 +74,7 @@ class ContentNoise(DenoisingLoss):
 
 @pytest.mark.parametrize("rounds", [2, 4])
 def test_gradient_accumulation_gives_the_same_update(rounds):
-    from edm_lab.tasks.train import PairDataset
-
-    data = PairDataset(digits(limit=64), conditional=False)
+    data = TrainingView(digits(limit=64), use_labels=False)
 
     class RecordGradients(L.Callback):
         grads: dict | None = None
@@ -149,3 +148,11 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "snapshot-0000004.ckpt", weights_only=True)
     assert ckpt["cur_nimg"] == 128 and ckpt["global_step"] == 4
     assert len(list((tmp_path / "run").glob("network-snapshot-*.safetensors"))) == 1
+
+
+def test_bf16_mixed_precision_training_runs(tmp_path):
+    result, run_dir = train(tmp_path, "bf16", "task.duration_kimg=0.064", "task.snapshot_kimg=0.064",
+                            "task.eval_kimg=0", "trainer.precision=bf16-mixed")
+    losses = logged_losses(run_dir)
+    assert len(losses) == 2 and all(0 < x < 1e3 for x in losses)
+    assert load_checkpoint(result["network"]).precision == "fp32"  # the stored network stays float32

@@ -1,10 +1,12 @@
 """A LightningDataModule that feeds an in-memory ArrayDataset to training as (image, one-hot label)."""
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import lightning
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from edm_lab.data.datasets import ArrayDataset
 
@@ -26,12 +28,12 @@ class TrainingView(Dataset):
     """Item i < n is (sample i, one-hot label i); with xflip, item n + i is sample i mirrored left-right
     (the reference's `xflip`: the dataset doubled, labels shared)."""
 
-    def __init__(self, dataset: ArrayDataset, xflip: bool = False):
+    def __init__(self, dataset: ArrayDataset, xflip: bool = False, use_labels: bool = True):
         if xflip and not dataset.is_image:
             raise ValueError(f"xflip needs an image dataset (n, C, H, W); {dataset.name} has samples of shape "
                              f"{dataset.sample_shape}")
         self.samples = dataset.samples
-        self.labels = one_hot_labels(dataset)
+        self.labels = one_hot_labels(dataset) if use_labels else torch.zeros(len(dataset), 0)
         self.xflip = xflip
 
     def __len__(self) -> int:
@@ -49,14 +51,18 @@ class TrainingView(Dataset):
 class ImageDataModule(lightning.LightningDataModule):
     """Training batches of (images (B, C, H, W) in [-1, 1], labels (B, num_classes) float32 one-hot).
 
-    Shuffling draws from a torch.Generator seeded by `seed`: each train_dataloader() call replays the
-    same sequence of epochs. The reference streams an infinite shuffled sequence; epochs are the
-    Lightning equivalent. Under DDP, Lightning's `use_distributed_sampler` swaps the shuffling sampler
-    for a DistributedSampler (seeded by Lightning's global seed); nothing here prevents that.
+    Without `start`, shuffling draws from a torch.Generator seeded by `seed` (each
+    train_dataloader() call replays the same sequence of epochs; under DDP Lightning swaps in its
+    DistributedSampler). With `start` (a callable giving the images consumed so far), the loader
+    streams the reference's endless shuffle through `InfiniteSampler`, sharded by the trainer's
+    rank, so a resumed run continues with exactly the images it would have seen; use it with
+    `Trainer(use_distributed_sampler=False)`. `use_labels=False` gives zero-width labels
+    (unconditional training on a labelled data set).
     """
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, num_workers: int = 0, xflip: bool = False,
-                 seed: int = 0, drop_last: bool = True):
+                 seed: int = 0, drop_last: bool = True, use_labels: bool = True,
+                 start: Callable[[], int] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -68,7 +74,8 @@ class ImageDataModule(lightning.LightningDataModule):
         self.xflip = xflip
         self.seed = seed
         self.drop_last = drop_last
-        self.train_set = TrainingView(dataset, xflip)
+        self.start = start
+        self.train_set = TrainingView(dataset, xflip, use_labels)
         self.save_hyperparameters({"dataset": dataset.fingerprint, "batch_size": batch_size, "xflip": xflip,
                                    "seed": seed, "drop_last": drop_last})
 
@@ -80,7 +87,44 @@ class ImageDataModule(lightning.LightningDataModule):
         if self.drop_last and len(self.train_set) < self.batch_size:
             raise ValueError(f"dataset {self.dataset.name} has {len(self.train_set)} items, fewer than one batch "
                              f"of {self.batch_size} (drop_last=True would yield no batch)")
+        if self.start is not None:
+            sampler = InfiniteSampler(len(self.train_set), seed=self.seed, rank=lambda: self.trainer.global_rank,
+                                      world_size=lambda: self.trainer.world_size, start=self.start)
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=True)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           drop_last=self.drop_last)
+
+
+class InfiniteSampler(Sampler[int]):
+    """An endless seeded shuffle, sharded over ranks, that resumes at the image count it is given.
+
+    Epoch e visits `randperm(n, seed + e)`; rank r takes every world-th index from offset r. The
+    stream is a pure function of (seed, position), so a resumed run sees exactly the images an
+    uninterrupted one would have.
+    """
+
+    def __init__(self, size: int, seed: int = 0, rank: int | Callable[[], int] = 0,
+                 world_size: int | Callable[[], int] = 1, start: Callable[[], int] = lambda: 0) -> None:
+        if size < 1:
+            raise ValueError("cannot sample from an empty data set")
+        # rank/world_size may be callables: a DDP process knows its rank only once fit() has set it up.
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+
+    def __len__(self) -> int:
+        return 2 ** 62  # endless; training length is max_steps
+
+    def __iter__(self) -> Iterator[int]:
+        rank = self.rank() if callable(self.rank) else self.rank
+        world_size = self.world_size() if callable(self.world_size) else self.world_size
+        position = self.start() + rank  # global image index this rank reads next
+        while True:
+            epoch, offset = divmod(position, self.size)
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+            while offset < self.size:
+                yield int(order[offset])
+                offset += world_size
+                position += world_size
+

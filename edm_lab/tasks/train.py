@@ -19,9 +19,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from edm_lab.checkpoints.snapshot import save_checkpoint
+from edm_lab.data.datamodule import ImageDataModule
 from edm_lab.design.losses import DenoisingLoss
 from edm_lab.design.sampler import sample
 from edm_lab.evaluate.features import FrechetDistance
@@ -29,7 +29,7 @@ from edm_lab.evaluate.sampling import sample_seeds
 from edm_lab.nets.denoisers import network_denoiser
 from edm_lab.tasks.sample import AXES, ConfigError, git_commit
 from edm_lab.track.store import ResultsStore, config_hash
-from edm_lab.train.module import DiffusionModule, InfiniteSampler
+from edm_lab.train.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
@@ -61,27 +61,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"task.resume={t.resume} does not exist")
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """(image, one-hot label) pairs; the label has width 0 for unconditional training."""
-
-    def __init__(self, dataset, conditional: bool) -> None:
-        self.samples = dataset.samples
-        width = dataset.num_classes if conditional else 0
-        self.labels = (torch.nn.functional.one_hot(dataset.labels, width).float() if width
-                       else torch.zeros(len(dataset.samples), 0))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        return self.samples[i], self.labels[i]
-
-
 class EvaluateEMA(L.Callback):
     """Every `every_kimg`, sample with the EMA network and log the metric against kimg."""
 
     def __init__(self, every_kimg: float, evaluate) -> None:
-        self.every_nimg, self.evaluate, self.done = every_kimg * 1000, evaluate, -1
+        self.every_nimg, self.evaluate = every_kimg * 1000, evaluate
+        self.done, self.last_nimg = -1, None
 
     def on_train_batch_end(self, trainer: L.Trainer, module: DiffusionModule, *args: Any) -> None:
         mark = int(module.cur_nimg // self.every_nimg) if self.every_nimg else -1
@@ -90,10 +75,11 @@ class EvaluateEMA(L.Callback):
             self._run(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module: DiffusionModule) -> None:
-        if self.every_nimg and module.cur_nimg % self.every_nimg:
-            self._run(trainer, module)  # the final network is always evaluated
+        if self.last_nimg != module.cur_nimg:
+            self._run(trainer, module)  # the final network is always evaluated, once
 
     def _run(self, trainer: L.Trainer, module: DiffusionModule) -> None:
+        self.last_nimg = module.cur_nimg
         if trainer.is_global_zero:
             metrics = self.evaluate(module.ema, module.cur_nimg)
             for logger in trainer.loggers:
@@ -131,12 +117,10 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
                           use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0)
     batch_gpu, trainer.accumulate_grad_batches = batch_split(cfg, trainer.world_size)
 
-    sampler = InfiniteSampler(len(dataset), seed=cfg.seed, rank=lambda: trainer.global_rank,
-                              world_size=lambda: trainer.world_size, start=lambda: module.cur_nimg)
-    loader = DataLoader(PairDataset(dataset, t.class_conditional), batch_size=batch_gpu, sampler=sampler,
-                        num_workers=t.num_workers, persistent_workers=t.num_workers > 0, drop_last=True)
+    data = ImageDataModule(dataset, batch_gpu, num_workers=t.num_workers, xflip=t.xflip, seed=cfg.seed,
+                           use_labels=t.class_conditional, start=lambda: module.cur_nimg)
     began = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=t.resume)
+    trainer.fit(module, datamodule=data, ckpt_path=t.resume)
     result = {"kimg": module.kimg, "seconds": time.perf_counter() - began, "checkpoints": str(checkpoints.dirpath)}
     if trainer.is_global_zero:
         final = save_checkpoint(module.ema, output_dir / f"network-snapshot-{int(module.kimg):06d}.safetensors",

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Sampler
 
 from edm_lab.design.losses import DenoisingLoss
 from edm_lab.train.recipe import clean_gradients, ema_beta, lr_at, update_ema
@@ -90,34 +89,3 @@ class DiffusionModule(L.LightningModule):
             if states["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
             self._rng_to_restore = None
-
-
-class InfiniteSampler(Sampler[int]):
-    """An endless seeded shuffle, sharded over ranks, that resumes at the image count it is given.
-
-    Epoch e visits `randperm(n, seed + e)`; rank r takes every world-th index from offset r. The
-    stream is a pure function of (seed, position), so a resumed run sees exactly the images an
-    uninterrupted one would have.
-    """
-
-    def __init__(self, size: int, seed: int = 0, rank: int | Callable[[], int] = 0,
-                 world_size: int | Callable[[], int] = 1, start: Callable[[], int] = lambda: 0) -> None:
-        if size < 1:
-            raise ValueError("cannot sample from an empty data set")
-        # rank/world_size may be callables: a DDP process knows its rank only once fit() has set it up.
-        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
-
-    def __len__(self) -> int:
-        return 2 ** 62  # endless; training length is max_steps
-
-    def __iter__(self) -> Iterator[int]:
-        rank = self.rank() if callable(self.rank) else self.rank
-        world_size = self.world_size() if callable(self.world_size) else self.world_size
-        position = self.start() + rank  # global image index this rank reads next
-        while True:
-            epoch, offset = divmod(position, self.size)
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-            while offset < self.size:
-                yield int(order[offset])
-                offset += world_size
-                position += world_size
