@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from timing import best_time
 
 from edm_lab.nets import build_network, count_parameters
 
@@ -31,15 +31,8 @@ def main() -> None:
         net = build_network(kwargs.pop("model_type"), img_resolution=args.resolution, in_channels=args.channels,
                             out_channels=args.channels, label_dim=0, **kwargs).to(args.device).train()
         x = torch.randn(args.batch, args.channels, args.resolution, args.resolution, device=args.device)
-        best = float("inf")
-        for _ in range(args.repeats):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            net(x, torch.randn(args.batch, device=args.device), None).square().mean().backward()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+        best, _ = best_time(lambda: net(x, torch.randn(args.batch, device=args.device), None).square().mean()
+                            .backward(), args.repeats, args.device)
         print(f"{name:14s} {count_parameters(net):>11,} params  forward+backward {best * 1e3:8.1f} ms  "
               f"{args.batch / best:10.1f} images/s")
 

@@ -7,9 +7,9 @@ Prints one line per configuration: seconds, NFE, images/s and NFE x images/s.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_time
 
 from edm_lab.data import digits
 from edm_lab.design import discretizations as D
@@ -43,15 +43,7 @@ def main() -> None:
     print(f"device={args.device} batch={args.batch} steps={args.steps} data=digits ({len(data)} images, ideal denoiser)")
     for name, axes in CONFIGS.items():
         sample(net, latents, 2, **axes)  # warm-up
-        best = float("inf")
-        for _ in range(args.repeats):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            result = sample(net, latents, args.steps, **axes)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+        best, result = best_time(lambda: sample(net, latents, args.steps, **axes), args.repeats, args.device)
         print(f"{name:10s} {best:8.3f} s  nfe={result.nfe:3d}  images/s={args.batch / best:10.1f}  "
               f"denoiser evals/s={result.nfe * args.batch / best:12.1f}")
 
