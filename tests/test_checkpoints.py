@@ -119,6 +119,8 @@ def test_checkpoint_model_samples_and_rows_name_the_checkpoint(tmp_path):
     save_checkpoint(random_denoiser("ncsnpp_small", "vp", seed=6, conditional=True), path)
     again = run_sample(cfg, {"data": "digits", "model": "checkpoint", "precond": "edm"})
     assert again[0]["config_hash"] != rows[0]["config_hash"]
+    # ...and its sampler error is measured against the new network's own reference solution.
+    assert len(list((tmp_path / ".cache" / "references").glob("*.pt"))) == 2
 
 
 def test_checkpoint_shape_must_match_the_data(tmp_path):

@@ -289,3 +289,17 @@ def test_inception_loads_local_weights(random_inception_weights, tmp_path, monke
     with torch.no_grad():
         direct = extractor.inception(to_inception_input(ds.samples))
     assert torch.equal(out, direct)
+
+
+def test_reference_statistics_reload_gives_the_same_distance(tmp_path):
+    """A cached reference (float64 sums and count) measures exactly like the extracted one."""
+    data = toy2d()
+    fresh = FrechetDistance(raw_features(data, tmp_path))
+    fresh.set_reference(data.samples)
+    stats = fresh.reference_statistics()
+    assert int(stats["real_features_num_samples"]) == len(data) and stats["real_features_sum"].dtype == torch.float64
+    reloaded = FrechetDistance(raw_features(data, tmp_path))
+    reloaded.load_reference_statistics(stats)
+    generated = data.samples[:500] * 0.9 + 0.05
+    assert reloaded(generated) == fresh(generated)
+    assert reloaded(generated) > 1e-3

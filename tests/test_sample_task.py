@@ -90,3 +90,19 @@ def test_report_task_regenerates_from_the_store(tmp_path):
     text = path.read_text()
     assert path == tmp_path / "reports" / "report.md"
     assert f"{rows[-1]['fd_raw']:.4g}" in text and "sampler_rmse" in text
+
+
+def test_a_sweep_extracts_the_data_sets_features_once(tmp_path, monkeypatch):
+    from edm_lab.evaluate.features import FrechetDistance
+
+    first = run_sample(compose_cfg(tmp_path, *TINY), CHOICES)
+    assert len(list((tmp_path / ".cache" / "reference_stats").glob("*.pt"))) == 1
+
+    def refuse(self, samples):
+        raise AssertionError("the reference statistics were extracted again")
+
+    monkeypatch.setattr(FrechetDistance, "set_reference", refuse)
+    again = run_sample(compose_cfg(tmp_path, *TINY, "solver=euler", "force=true"), {**CHOICES, "solver": "euler"})
+    same = run_sample(compose_cfg(tmp_path, *TINY, "force=true"), CHOICES)
+    assert [r["fd_raw"] for r in same] == [r["fd_raw"] for r in first]  # cached statistics, same numbers
+    assert again[0]["fd_raw"] != first[0]["fd_raw"]

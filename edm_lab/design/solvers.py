@@ -19,8 +19,6 @@ def euler_step(f: Derivative, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
 class Euler:
     """First order: one denoiser evaluation per step."""
 
-    order = 1
-
     def step(self, f: Derivative, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         return euler_step(f, x, t, t_next)
 
@@ -33,8 +31,6 @@ class SecondOrder:
 
     x' = x + alpha h d, t' = t + alpha h, x_next = x + h ((1 - 1/(2 alpha)) d + 1/(2 alpha) d').
     """
-
-    order = 2
 
     def __init__(self, alpha: float = 1.0) -> None:
         if not 0 < alpha <= 1:
@@ -51,7 +47,3 @@ class SecondOrder:
     def __repr__(self) -> str:
         return f"SecondOrder(alpha={self.alpha:g})"
 
-
-def Heun() -> SecondOrder:  # noqa: N802 - named as the paper's solver
-    """Heun's method: the 2nd-order step with alpha = 1."""
-    return SecondOrder(alpha=1.0)

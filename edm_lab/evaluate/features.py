@@ -401,6 +401,21 @@ class FrechetDistance:
         self._feed(samples, real=True)
         self.num_reference = len(samples)
 
+    _REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+    def reference_statistics(self) -> dict[str, Tensor]:
+        """The accumulated reference statistics (float64 sums and count), to cache and reload."""
+        if self.num_reference == 0:
+            raise RuntimeError("FrechetDistance: no reference statistics yet (call set_reference)")
+        return {name: getattr(self._metric, name).detach().cpu().clone() for name in self._REFERENCE_STATES}
+
+    def load_reference_statistics(self, stats: dict[str, Tensor]) -> None:
+        """Use statistics from `reference_statistics()` instead of extracting the reference set again."""
+        self._metric = self._new_metric()
+        for name in self._REFERENCE_STATES:
+            setattr(self._metric, name, stats[name].to(self.device))
+        self.num_reference = int(stats["real_features_num_samples"])
+
     @torch.no_grad()
     def __call__(self, samples: Tensor) -> float:
         """Frechet distance between the reference and ``samples`` as a python float."""

@@ -100,9 +100,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     trainer = instantiate(cfg.trainer)  # an unavailable accelerator fails here, before any output
     dataset = instantiate(cfg.data)
     net = instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
-    extractor = instantiate(cfg.metric.extractor)(dataset, Path(cfg.paths.cache_dir))  # FID weights checked here
-    frechet = FrechetDistance(extractor, batch_size=cfg.metric.batch_size)
-    frechet.set_reference(dataset.samples)
+    frechet = build_frechet(cfg, dataset)  # FID weights are checked here, before any sampling
 
     store = ResultsStore(cfg.paths.results_dir)
     identity = describe(cfg, choices, overrides, axes, sweep, project_root or Path.cwd(),
@@ -135,6 +133,22 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     if location:
         print(f"tracker run: {location}" + (" (offline: `wandb sync` uploads it)" if tracker.is_wandb else ""))
     return rows
+
+
+def build_frechet(cfg: DictConfig, dataset) -> FrechetDistance:
+    """The configured Frechet distance against `dataset`, its reference statistics cached per
+    (data set content, extractor config) so a sweep extracts the data set's features once."""
+    cache_dir = Path(cfg.paths.cache_dir)
+    frechet = FrechetDistance(instantiate(cfg.metric.extractor)(dataset, cache_dir), batch_size=cfg.metric.batch_size)
+    key = config_hash({"fingerprint": dataset.fingerprint,
+                       "extractor": OmegaConf.to_container(cfg.metric.extractor, resolve=True)})
+
+    def compute() -> dict[str, torch.Tensor]:
+        frechet.set_reference(dataset.samples)
+        return frechet.reference_statistics()
+
+    frechet.load_reference_statistics(cached(cache_dir / "reference_stats" / f"{key}.pt", compute))
+    return frechet
 
 
 def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str], axes: Mapping[str, Any],
@@ -184,8 +198,11 @@ def _fmt(x: float | None) -> str:
 
 def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float) -> torch.Tensor:
     """The same ODE solved with many Heun steps from the same seeds, cached across jobs."""
+    # The model's provenance carries a checkpoint's content hash: a file replaced at the same path
+    # must not reuse the old network's solution.
     key = config_hash({"data": OmegaConf.to_container(cfg.data, resolve=True), "fingerprint": dataset.fingerprint,
                        "model": OmegaConf.to_container(cfg.model, resolve=True),
+                       "provenance": getattr(net, "provenance", {}),
                        "precond": OmegaConf.to_container(cfg.precond, resolve=True),
                        "sigma_start": repr(sigma_start), "steps": cfg.metric.reference_steps,
                        "seed": cfg.seed, "num_samples": cfg.num_samples})

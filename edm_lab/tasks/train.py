@@ -24,10 +24,9 @@ from edm_lab.checkpoints.snapshot import save_checkpoint
 from edm_lab.data.datamodule import ImageDataModule
 from edm_lab.design.losses import DenoisingLoss
 from edm_lab.design.sampler import sample
-from edm_lab.evaluate.features import FrechetDistance
 from edm_lab.evaluate.sampling import sample_seeds
 from edm_lab.nets.denoisers import network_denoiser
-from edm_lab.tasks.sample import AXES, ConfigError, git_commit
+from edm_lab.tasks.sample import AXES, ConfigError, build_frechet, git_commit
 from edm_lab.track.store import ResultsStore, config_hash
 from edm_lab.train.module import DiffusionModule
 
@@ -134,9 +133,7 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
 def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep: str, project_root: Path | None):
     """evaluate(ema, nimg) -> metrics: sample with the sampling axes, Frechet distance, a store row."""
     t = cfg.task
-    extractor = instantiate(cfg.metric.extractor)(dataset, Path(cfg.paths.cache_dir))
-    frechet = FrechetDistance(extractor, batch_size=cfg.metric.batch_size)
-    frechet.set_reference(dataset.samples)
+    frechet = build_frechet(cfg, dataset)
     store = ResultsStore(cfg.paths.results_dir)
     sampler = functools.partial(sample, num_steps=t.eval_steps, **axes)
     run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
