@@ -193,10 +193,13 @@ def test_classifier_corrupt_cache_is_retrained(tmp_path):
 # Inception features
 # ------------------------------------------------------------------------------------------------
 
-def test_resolve_explicit_missing_path(tmp_path):
+def test_resolve_explicit_missing_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     missing = tmp_path / "nowhere" / "inception.pth"
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        resolve_inception_weights(str(missing))
+    with pytest.raises(InceptionWeightsMissing) as info:
+        resolve_inception_weights(str(missing), download=True)  # an explicit path is never replaced by a download
+    assert "metric.extractor.weights_path" in str(info.value) and str(missing) in str(info.value)
+    assert not (tmp_path / "hub").exists()
 
 
 def test_resolve_explicit_existing_path(tmp_path):
@@ -205,8 +208,13 @@ def test_resolve_explicit_existing_path(tmp_path):
     assert resolve_inception_weights(str(path)) == path
 
 
+def _no_download(*args, **kwargs):
+    raise AssertionError("attempted a download")
+
+
 def test_resolve_missing_everywhere(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)  # download=false by default
     with pytest.raises(InceptionWeightsMissing) as info:
         resolve_inception_weights(None)
     message = str(info.value)
@@ -214,9 +222,58 @@ def test_resolve_missing_everywhere(tmp_path, monkeypatch):
     assert INCEPTION_WEIGHTS_FILENAME in message
     assert "metric.extractor.weights_path" in message
     assert str(tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME) in message
+    assert "metric.extractor.download=true" in message and "failed" not in message
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-    assert URL_INCEPTION_V3 in message
+    assert URL_INCEPTION_V3 in message and feat.INCEPTION_WEIGHTS_URL == URL_INCEPTION_V3
+
+
+def _served_file(directory: Path, content: bytes, hash_in_name: str | None) -> str:
+    """A file:// URL to `content`, named like torch hub files ("name-<sha256 prefix>.pth") when asked."""
+    import hashlib
+
+    if hash_in_name == "right":
+        hash_in_name = hashlib.sha256(content).hexdigest()[:8]
+    path = directory / (f"weights-inception-{hash_in_name}.pth" if hash_in_name else "weights-inception.pth")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path.as_uri()
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock")) if directory.exists() else []
+
+
+@pytest.mark.parametrize("hash_in_name", ["right", None])
+def test_resolve_downloads_into_the_hub_cache(hash_in_name, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    content = b"inception weights " * 1000
+    monkeypatch.setattr(feat, "INCEPTION_WEIGHTS_URL", _served_file(tmp_path / "server", content, hash_in_name))
+    target = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+    assert resolve_inception_weights(None, download=True) == target
+    assert target.read_bytes() == content
+    assert _leftovers(target.parent) == [INCEPTION_WEIGHTS_FILENAME]  # no temp or partial files
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
+    assert resolve_inception_weights(None, download=True) == target  # found in the cache now
+
+
+@pytest.mark.parametrize("problem", ["wrong hash", "no such file"])
+def test_failed_download_gives_the_one_message(problem, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    if problem == "wrong hash":
+        url = _served_file(tmp_path / "server", b"not the weights", "6726825d")
+    else:
+        url = (tmp_path / "server" / "missing-6726825d.pth").as_uri()
+    monkeypatch.setattr(feat, "INCEPTION_WEIGHTS_URL", url)
+    with pytest.raises(InceptionWeightsMissing) as info:
+        resolve_inception_weights(None, download=True)
+    message = str(info.value)
+    hub_path = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+    for option in ("metric.extractor.weights_path", str(hub_path), "metric.extractor.download=true", url):
+        assert option in message, (option, message)
+    assert "download (metric.extractor.download=true) failed" in message
+    assert ("invalid hash value" if problem == "wrong hash" else "URLError") in message
+    assert _leftovers(hub_path.parent) == []  # nothing, partial or complete, at or beside the final path
 
 
 def test_resolve_from_hub_cache(tmp_path, monkeypatch):
@@ -268,6 +325,19 @@ def random_inception_weights(tmp_path_factory) -> Path:
     return path
 
 
+def test_inception_factory_downloads_when_allowed(random_inception_weights, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(feat, "INCEPTION_WEIGHTS_URL", random_inception_weights.as_uri())
+    ds = digits(limit=2)
+    with pytest.raises(InceptionWeightsMissing):
+        inception_features(ds, tmp_path)  # download=false: the offline default
+    extractor = inception_features(ds, tmp_path, download=True)
+    assert extractor.weights_path == tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+    assert extractor.name == feat.INCEPTION_EXTRACTOR_NAME
+    saved = torch.load(random_inception_weights, weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in extractor.inception.state_dict().items())
+
+
 def test_inception_loads_local_weights(random_inception_weights, tmp_path, monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as fidelity
 
@@ -303,3 +373,19 @@ def test_reference_statistics_reload_gives_the_same_distance(tmp_path):
     generated = data.samples[:500] * 0.9 + 0.05
     assert reloaded(generated) == fresh(generated)
     assert reloaded(generated) > 1e-3
+
+
+def test_features_are_accumulated_in_float64():
+    """float32 features with a large mean and a small spread: float32 sums would lose the covariance."""
+    from edm_lab.evaluate.reference import moments_from_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    x = (1000 + 0.01 * torch.randn(4000, 2, generator=gen, dtype=torch.float64)).to(torch.float32)
+    fd = FrechetDistance(raw_features(ArrayDataset("wide", x), None), batch_size=512)
+    fd.set_reference(x)
+    mu, sigma, count = moments_from_statistics(fd.reference_statistics())
+    assert count == 4000
+    torch.testing.assert_close(mu, x.double().mean(0), rtol=1e-12, atol=0)
+    # Variances are 1e-4; float32 sums of squares (~4e9) would be off by ~1e-2. The 1e-9 that is left is
+    # torchmetrics' sum-of-squares formula cancelling in float64.
+    torch.testing.assert_close(sigma, torch.cov(x.double().T), rtol=0, atol=1e-9)

@@ -298,3 +298,31 @@ def test_cli_from_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_cli_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "rep")]) == 0
     assert "No results yet" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_training_rows_are_drawn_against_kimg(tmp_path: Path) -> None:
+    """Training evaluations get a metric-vs-kimg table and plot per run, not a place in the NFE tables."""
+    rows = [{"config_hash": f"t{run}{kimg}", "run_hash": f"{run}" * 12, "label": "train digits/ddpmpp_small/edm",
+             "task": "train", "kimg": kimg, "nfe": 35, "num_steps": 18, "fd_classifier": value}
+            for run, series in (("a", {50: 9.0, 100: 4.5, 200: 2.25}), ("b", {50: 8.0, 200: 3.0}))
+            for kimg, value in series.items()]
+    rows.append({"config_hash": "s", "label": EULER, "task": "sample", "nfe": 35, "num_steps": 18, "fd_classifier": 7.0})
+    text = write_report(pd.DataFrame(rows), tmp_path).read_text()
+    nfe_part, training_part = text.split("## Training progress")
+    assert EULER in nfe_part and "train digits" not in nfe_part
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in training_part.splitlines() if re.match(r"\| +\d", line)}
+    # Two runs share a label: each column is told apart by its run hash.
+    header = next(line for line in training_part.splitlines() if line.startswith("| kimg"))
+    assert "[aaaaaaaa]" in header and "[bbbbbbbb]" in header
+    assert table == {"50": ["9", "8"], "100": ["4.5", "—"], "200": ["2.25", "3"]}
+    assert (tmp_path / "fd_classifier_vs_kimg.png").is_file() and mpimg.imread(tmp_path / "fd_classifier_vs_kimg.png").size
+
+
+def test_repeats_show_minimum_and_mean_and_std(tmp_path: Path) -> None:
+    rows = [{"config_hash": "h", "label": HEUN, "nfe": 35, "num_steps": 18, "repeat": k, "fid": v}
+            for k, v in enumerate([2.0, 2.2, 2.4])]
+    text = write_report(pd.DataFrame(rows), tmp_path).read_text()
+    cells = [line for line in text.splitlines() if line.startswith(f"| {HEUN}")]
+    assert cells[0].split("|")[2].strip() == "2"  # the minimum, the paper's convention
+    assert cells[1].split("|")[2].strip() == "2.2 ± 0.2 (3)"

@@ -20,18 +20,18 @@ CHOICES = {"data": "toy2d", "model": "ideal", "precond": "edm", "schedule": "edm
 
 @pytest.mark.parametrize("failure", [RuntimeError("extractor crashed"), KeyboardInterrupt()])
 def test_failure_keeps_completed_rows_and_writes_no_partial_one(failure, tmp_path, monkeypatch):
-    from edm_lab.evaluate.features import FrechetDistance
+    import edm_lab.tasks.sample as task
 
-    real = FrechetDistance.__call__
+    real = task.frechet_from_features
     calls = []
 
-    def flaky(self, samples):
+    def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise failure
-        return real(self, samples)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(FrechetDistance, "__call__", flaky)
+    monkeypatch.setattr(task, "frechet_from_features", flaky)
     cfg = compose_cfg(tmp_path, *TINY)
     with pytest.raises(type(failure)):
         run_sample(cfg, CHOICES)
@@ -41,7 +41,7 @@ def test_failure_keeps_completed_rows_and_writes_no_partial_one(failure, tmp_pat
     assert not list((tmp_path / "results").rglob("*.tmp"))
 
     # Resuming computes only what is missing.
-    monkeypatch.setattr(FrechetDistance, "__call__", real)
+    monkeypatch.setattr(task, "frechet_from_features", real)
     resumed = run_sample(cfg, CHOICES)
     assert [r["num_steps"] for r in resumed] == [2, 3, 5]
     assert resumed[0]["time"] == rows[0]["time"]

@@ -67,7 +67,8 @@ def test_round_trip_including_inf_and_nan(tmp_path: Path) -> None:
     assert back["fd_raw"] == -math.inf
     assert math.isnan(back["fid"])
     assert back["extra_unknown"] == "kept"
-    assert {k: v for k, v in back.items() if k != "fid"} == {k: v for k, v in row.items() if k != "fid"}
+    # A row without `repeat` is repeat 0, and reads back saying so.
+    assert {k: v for k, v in back.items() if k != "fid"} == {**{k: v for k, v in row.items() if k != "fid"}, "repeat": 0}
     frame = store.load()
     assert len(frame) == 1
     assert frame.loc[0, "S_max"] == math.inf and math.isnan(frame.loc[0, "fid"])
@@ -207,6 +208,30 @@ def test_load_unions_columns_and_orders_rows(tmp_path: Path) -> None:
         ("aaaaaaaaaaaa", 4), ("aaaaaaaaaaaa", 32), ("bbbbbbbbbbbb", 8)]
     assert {"fid", "fd_raw"} <= set(frame.columns)
     assert frame["fid"].isna().sum() == 2
+
+
+def test_repeats_are_separate_rows_and_old_rows_are_repeat_zero(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    # A row of a store written before repeats existed: same file name as repeat 0, no `repeat` key.
+    old = store.write(make_row(steps=4, fid=3.0))
+    assert old.name == "steps-4.json"
+    assert store.write(make_row(steps=4, fid=2.0, repeat=2)).name == "steps-4-r2.json"
+    assert store.write(make_row(steps=32, fid=1.0, repeat=1)).name == "steps-32-r1.json"
+    assert store.get("3f2a9c1b7d0e", 4)["fid"] == 3.0 and store.get("3f2a9c1b7d0e", 4, 0)["repeat"] == 0
+    assert store.get("3f2a9c1b7d0e", 4, 2)["fid"] == 2.0
+    assert not store.has("3f2a9c1b7d0e", 4, 1) and store.has("3f2a9c1b7d0e", 32, 1)
+    frame = store.load()
+    assert list(zip(frame["num_steps"], frame["repeat"], frame["fid"])) == [(4, 0, 3.0), (4, 2, 2.0), (32, 1, 1.0)]
+    # Writing repeat 0 explicitly replaces the old row rather than adding one.
+    store.write(make_row(steps=4, fid=5.0, repeat=0))
+    assert len(store.rows()) == 3 and store.get("3f2a9c1b7d0e", 4)["fid"] == 5.0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "two", True])
+def test_bad_repeat_rejected(tmp_path: Path, bad) -> None:
+    with pytest.raises(ValueError, match="repeat"):
+        ResultsStore(tmp_path).write(make_row(repeat=bad))
+    assert all_files(tmp_path) == []
 
 
 def test_atomic_write_text_helper(tmp_path: Path) -> None:

@@ -156,3 +156,23 @@ def test_bf16_mixed_precision_training_runs(tmp_path):
     losses = logged_losses(run_dir)
     assert len(losses) == 2 and all(0 < x < 1e3 for x in losses)
     assert load_checkpoint(result["network"]).precision == "fp32"  # the stored network stays float32
+
+
+@pytest.mark.parametrize("override", ["task.grad_clip=1e-12", "task.loss_scaling=1e-12"])
+def test_gradient_clipping_and_loss_scaling_reach_the_update(tmp_path, override):
+    """Adam ignores the gradient's scale but for eps: a gradient shrunk to 1e-12 (clipped to that norm,
+    or a loss scaled by it) must leave the weights almost where they were, unlike the plain recipe."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    def moved(name: str, *overrides: str) -> float:
+        result, _ = train(tmp_path, name, "task.duration_kimg=0.064", "task.snapshot_kimg=0.064", "task.eval_kimg=0",
+                          "task.ema_halflife_kimg=0.001", *overrides)
+        cfg = compose_cfg(tmp_path, *TINY)
+        start = network_denoiser(instantiate(cfg.data), instantiate(cfg.precond, _partial_=True),
+                                 OmegaConf.to_container(cfg.net) | {"augment_dim": 0}, seed=cfg.seed).state_dict()
+        end = load_checkpoint(result["network"]).state_dict()
+        return max((end[k] - start[k]).abs().max().item() for k in start)
+
+    plain, shrunk = moved("plain"), moved("shrunk", override)
+    assert plain > 1e-4 and shrunk < plain * 0.02  # without the option both move alike (ratio ~1)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -21,17 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edm_lab.atomic import atomic_torch_save
+from edm_lab.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_torch_save, fsync_dir
 from edm_lab.data.datasets import ArrayDataset
 
 __all__ = [
+    "INCEPTION_EXTRACTOR_NAME",
     "INCEPTION_WEIGHTS_FILENAME",
+    "INCEPTION_WEIGHTS_URL",
     "ClassifierFeatures",
     "FlattenFeatures",
     "FrechetDistance",
     "InceptionFeatures",
     "InceptionWeightsMissing",
     "classifier_features",
+    "download_inception_weights",
     "frechet_distance_from_features",
     "inception_features",
     "inception_hub_path",
@@ -41,6 +47,8 @@ __all__ = [
 ]
 
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+# The name of the FID extractor without antialiasing: the reference's own statistics were made with it.
+INCEPTION_EXTRACTOR_NAME = "inception-v3-fid"
 # torch-fidelity's own download lands in the hub cache under this name; the "6726825d" hash prefix
 # is the same file, so accept it too rather than make users rename it.
 _FIDELITY_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -55,9 +63,14 @@ _CLASSIFIER_VERSION = 1
 
 
 class _FrozenExtractor(nn.Module):
-    """Base for extractors: no trainable parameters exposed, eval mode forever."""
+    """Base for extractors: no trainable parameters exposed, eval mode forever.
+
+    ``name`` identifies what the features mean (written into reference statistics files, checked when
+    one is loaded): two extractors with the same name give the same features for the same input.
+    """
 
     num_features: int
+    name: str
 
     def train(self, mode: bool = True) -> "_FrozenExtractor":
         """Ignore requests for train mode: features must not depend on the caller's mode."""
@@ -70,6 +83,7 @@ class FlattenFeatures(_FrozenExtractor):
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.num_features = int(num_features)
+        self.name = "raw"
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -136,6 +150,9 @@ class ClassifierFeatures(_FrozenExtractor):
         self.num_features = int(feature_dim)
         self.train_accuracy = float(train_accuracy)
         self.cache_path = cache_path
+        # The cache file's stem holds the data set's fingerprint and the options hash: features of a
+        # classifier trained on other data, or with other options, get another name.
+        self.name = f"classifier:{cache_path.stem}" if cache_path is not None else "classifier"
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -263,16 +280,53 @@ def classifier_features(dataset: ArrayDataset, cache_dir: str | Path, feature_di
 
 
 class InceptionWeightsMissing(FileNotFoundError):
-    """The Inception-v3 FID weights are not available locally (they are never downloaded here)."""
+    """The Inception-v3 FID weights are not available locally (and were not, or could not be, downloaded)."""
+
+
+# torch.hub's convention: "name-<sha256 prefix>.ext"; at least 8 hex digits so a date is not taken for one.
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.[^.]+$")
 
 
 def inception_hub_path() -> Path:
-    """Where the Inception-v3 FID weights are looked up in the torch hub cache."""
+    """Where the Inception-v3 FID weights are looked up (and downloaded to) in the torch hub cache."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
 
 
-def resolve_inception_weights(weights_path: str | Path | None) -> Path:
-    """Locate the Inception-v3 FID weights: an explicit path, else the torch hub cache; never downloads."""
+def download_inception_weights(url: str, dest: str | Path) -> Path:
+    """Download ``url`` to ``dest`` atomically, checking the sha256 prefix carried by the URL's file name.
+
+    The file only appears at ``dest`` once it is complete and verified; a failed or interrupted download
+    leaves nothing behind. A file lock makes parallel jobs download once.
+    """
+    from filelock import FileLock
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
+    with FileLock(str(dest) + ".lock"):
+        if dest.is_file():  # another job finished it while we waited
+            return dest
+        tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+        try:
+            torch.hub.download_url_to_file(url, str(tmp), hash_prefix=match.group(1) if match else None,
+                                           progress=False)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    fsync_dir(dest.parent)
+    return dest
+
+
+def resolve_inception_weights(weights_path: str | Path | None = None, download: bool = False,
+                              url: str | None = None) -> Path:
+    """Locate the Inception-v3 FID weights: an explicit path, else the torch hub cache, else (only when
+    ``download`` is true) download ``url`` (default ``INCEPTION_WEIGHTS_URL``) into the hub cache.
+
+    Raises one ``InceptionWeightsMissing`` listing every way to supply the file when none works.
+    """
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
@@ -284,13 +338,19 @@ def resolve_inception_weights(weights_path: str | Path | None) -> Path:
     for candidate in (hub_path, hub_path.with_name(_FIDELITY_WEIGHTS_FILENAME)):
         if candidate.is_file():
             return candidate
+    url = INCEPTION_WEIGHTS_URL if url is None else url
+    failure = ""
+    if download:
+        try:
+            return download_inception_weights(url, hub_path)
+        except Exception as error:  # noqa: BLE001 - every failure ends in the one message below
+            failure = f"\nThe download (metric.extractor.download=true) failed: {type(error).__name__}: {error}"
     raise InceptionWeightsMissing(
-        f"The Inception-v3 FID weights {INCEPTION_WEIGHTS_FILENAME} are missing (this harness never downloads "
-        f"them). Supply them in one of these ways:\n"
+        f"The Inception-v3 FID weights {INCEPTION_WEIGHTS_FILENAME} are missing. Supply them in one of these ways:\n"
         f"  1. set metric.extractor.weights_path=/path/to/{INCEPTION_WEIGHTS_FILENAME}\n"
-        f"  2. place the file at {hub_path}\n"
-        f"  3. on a machine with network access, download {INCEPTION_WEIGHTS_URL} "
-        f"and use 1. or 2. with the downloaded file")
+        f"  2. place the file at {hub_path} (the torch hub cache)\n"
+        f"  3. set metric.extractor.download=true on a machine with network access: it downloads\n"
+        f"     {url} to {hub_path}" + failure)
 
 
 def to_inception_input(x: Tensor) -> Tensor:
@@ -317,6 +377,7 @@ class InceptionFeatures(_FrozenExtractor):
                                             feature_extractor_weights_path=str(weights_path), antialias=antialias)
         self.num_features = 2048
         self.weights_path = Path(weights_path)
+        self.name = INCEPTION_EXTRACTOR_NAME + ("-antialias" if antialias else "")
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -325,8 +386,10 @@ class InceptionFeatures(_FrozenExtractor):
 
 
 def inception_features(dataset: ArrayDataset, cache_dir: str | Path | None = None,
-                       weights_path: str | Path | None = None, antialias: bool = False) -> nn.Module:
-    """FID Inception-v3 pool features; resolves the weights now so a missing file fails before sampling."""
+                       weights_path: str | Path | None = None, antialias: bool = False,
+                       download: bool = False) -> nn.Module:
+    """FID Inception-v3 pool features; resolves (or downloads) the weights now so a missing file fails
+    before sampling. See ``resolve_inception_weights``."""
     if not dataset.is_image:
         raise ValueError(f"metric.extractor=inception_features needs image data, but dataset {dataset.name!r} "
                          f"has samples shaped {dataset.sample_shape}; use raw_features or classifier_features")
@@ -334,7 +397,7 @@ def inception_features(dataset: ArrayDataset, cache_dir: str | Path | None = Non
     if channels not in (1, 3):
         raise ValueError(f"metric.extractor=inception_features needs 1 or 3 channels, dataset {dataset.name!r} "
                          f"has {channels}")
-    return InceptionFeatures(resolve_inception_weights(weights_path), antialias=antialias)
+    return InceptionFeatures(resolve_inception_weights(weights_path, download=download), antialias=antialias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +432,10 @@ class FrechetDistance:
     def _new_metric(self):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        metric = FrechetInceptionDistance(feature=_Float64Output(self.extractor), reset_real_features=False)
+        # sync_on_compute=False: under DDP the caller gathers every rank's features itself (in seed
+        # order); torchmetrics would instead add up the ranks' copies, or wait for ranks that never compute.
+        metric = FrechetInceptionDistance(feature=_Float64Output(self.extractor), reset_real_features=False,
+                                          sync_on_compute=False)
         return metric.to(self.device)
 
     @property
@@ -411,6 +477,15 @@ class FrechetDistance:
 
     def load_reference_statistics(self, stats: dict[str, Tensor]) -> None:
         """Use statistics from `reference_statistics()` instead of extracting the reference set again."""
+        missing = [name for name in self._REFERENCE_STATES if name not in stats]
+        if missing:
+            raise KeyError(f"reference statistics lack {missing}")
+        dim = int(self.extractor.num_features)
+        count = int(stats["real_features_num_samples"])
+        if (tuple(stats["real_features_sum"].shape) != (dim,)
+                or tuple(stats["real_features_cov_sum"].shape) != (dim, dim) or count < 2):
+            raise ValueError(f"reference statistics of {tuple(stats['real_features_sum'].shape)} features from "
+                             f"{count} samples do not fit this extractor ({dim} features, at least 2 samples)")
         self._metric = self._new_metric()
         for name in self._REFERENCE_STATES:
             setattr(self._metric, name, stats[name].to(self.device))

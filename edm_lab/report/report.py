@@ -4,8 +4,12 @@ Usage: ``python -m edm_lab.report.report --results results --out reports [--metr
 
 Everything is rebuilt from the rows each time, so the report can never drift from the store.
 All metrics are taken to be lower-is-better (FID, Fréchet distances, sampler RMSE). When several
-rows share a (configuration, NFE) cell -- several sweeps or seeds -- the minimum is reported,
-following the paper's convention (Karras et al. report the best of several runs).
+rows share a (configuration, NFE) cell -- the repeats of the seed protocol, several sweeps or
+seeds -- the minimum is reported, following the paper's convention (Karras et al. report the best
+of three), and a second table gives mean ± std over those rows.
+
+Rows of training runs (`task == "train"`, with a `kimg` column) form their own section: the metric
+of each run against training progress in kimg, with a `<metric>_vs_kimg.png` plot.
 
 Deliberately free of hydra/lightning/wandb; uses matplotlib's Agg canvas directly (never pyplot),
 so it neither needs a display nor changes the global backend of a caller.
@@ -32,6 +36,7 @@ __all__ = ["KNOWN_METRICS", "default_metrics", "format_value", "markdown_table",
 
 KNOWN_METRICS: tuple[str, ...] = ("fid", "fd_classifier", "fd_raw", "sampler_rmse")
 PLOT_SUFFIX = "_vs_nfe.png"
+KIMG_PLOT_SUFFIX = "_vs_kimg.png"
 MISSING = "—"
 _MAX_LISTED = 10  # provenance lists at most this many distinct values per field
 
@@ -114,16 +119,28 @@ def _cells(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     })
     data = data.dropna(subset=["nfe", "value"])
     if data.empty:
-        return pd.DataFrame({"label": [], "nfe": [], "value": [], "count": []})
-    cells = data.groupby(["label", "nfe"], sort=True)["value"].agg(value="min", count="size").reset_index()
-    return cells
+        return pd.DataFrame({"label": [], "nfe": [], "value": [], "count": [], "mean": [], "std": []})
+    return data.groupby(["label", "nfe"], sort=True)["value"].agg(
+        value="min", count="size", mean="mean", std="std").reset_index()
 
 
-def _metric_table(cells: pd.DataFrame) -> tuple[str, int]:
+def _format_spread(mean: Any, std: Any, count: Any) -> str:
+    """`mean ± std (n)` of a cell; a single row has no spread and shows its value alone."""
+    if format_value(mean) == MISSING:
+        return MISSING
+    if int(count) < 2:
+        return format_value(mean)
+    return f"{format_value(mean)} ± {format_value(std)} ({int(count)})"
+
+
+def _metric_table(cells: pd.DataFrame, column: str = "value") -> tuple[str, int]:
+    """configurations x NFE; `column` is "value" (the minimum) or "spread" (mean ± std)."""
     nfes = sorted(cells["nfe"].unique())
-    wide = cells.pivot(index="label", columns="nfe", values="value")
+    cells = cells.assign(spread=[_format_spread(m, s, n) for m, s, n in zip(cells["mean"], cells["std"], cells["count"])])
+    wide = cells.pivot(index="label", columns="nfe", values=column)
+    fmt = format_value if column == "value" else (lambda v: MISSING if not isinstance(v, str) else v)
     header = ["configuration"] + [_format_nfe(n) for n in nfes]
-    rows = [[label] + [format_value(wide.at[label, n]) for n in nfes] for label in sorted(wide.index, key=_natural_key)]
+    rows = [[label] + [fmt(wide.at[label, n]) for n in nfes] for label in sorted(wide.index, key=_natural_key)]
     return markdown_table(header, rows), int((cells["count"] > 1).sum())
 
 
@@ -137,7 +154,8 @@ def _best_per_budget(cells: pd.DataFrame, metric: str) -> str:
     return markdown_table(["NFE budget", "best configuration", metric, "at NFE"], rows, align="rlrr")
 
 
-def _render_plot(cells: pd.DataFrame, metric: str, title: str) -> bytes | None:
+def _render_plot(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe") -> bytes | None:
+    """Lines of `value` against `x` ("nfe": log axis of the evaluated NFEs; "kimg": training progress)."""
     finite = cells[cells["value"].map(math.isfinite)]
     if finite.empty:
         return None
@@ -148,12 +166,12 @@ def _render_plot(cells: pd.DataFrame, metric: str, title: str) -> bytes | None:
     markers = "osD^vP*Xh<>p"
     styles = ["-", "--", ":", "-."]
     for i, label in enumerate(labels):
-        part = finite[finite["label"] == label].sort_values("nfe")
+        part = finite[finite["label"] == label].sort_values(x)
         # Colours repeat every 10 lines; vary marker and dash too so large grids stay distinguishable.
-        ax.plot(part["nfe"], part["value"], marker=markers[i % len(markers)],
+        ax.plot(part[x], part["value"], marker=markers[i % len(markers)],
                 linestyle=styles[(i // 10) % len(styles)], markersize=5, linewidth=1.4, label=label)
-    nfes = sorted(finite["nfe"].unique())
-    if nfes[0] > 0:
+    nfes = sorted(finite[x].unique())
+    if x == "nfe" and nfes[0] > 0:
         ax.set_xscale("log")
         # Default log ticks would only show powers of ten; label the NFE values actually evaluated.
         shown = nfes if len(nfes) <= 12 else nfes[:: math.ceil(len(nfes) / 12)]
@@ -161,9 +179,9 @@ def _render_plot(cells: pd.DataFrame, metric: str, title: str) -> bytes | None:
         ax.xaxis.set_minor_locator(NullLocator())
     if (finite["value"] > 0).all():
         ax.set_yscale("log")
-    ax.set_xlabel("NFE (denoiser evaluations)")
+    ax.set_xlabel("NFE (denoiser evaluations)" if x == "nfe" else "training progress (kimg)")
     ax.set_ylabel(f"{metric} (min over rows, lower is better)")
-    ax.set_title(f"{title}: {metric} vs NFE")
+    ax.set_title(f"{title}: {metric} vs {'NFE' if x == 'nfe' else 'kimg'}")
     ax.grid(True, which="both", alpha=0.3)
     if len(labels) <= 6:
         ax.legend(fontsize="small", loc="best")
@@ -173,6 +191,56 @@ def _render_plot(cells: pd.DataFrame, metric: str, title: str) -> bytes | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()
+
+
+_KIMG_SUFFIX = r" @ \S+ kimg$"  # older training rows carried their evaluation point in the label
+
+
+def _is_training(frame: pd.DataFrame) -> pd.Series:
+    """Rows of training-time evaluations: task "train" with a numeric kimg."""
+    if "task" not in frame.columns or "kimg" not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return (frame["task"] == "train") & pd.to_numeric(frame["kimg"], errors="coerce").notna()
+
+
+def _run_labels(frame: pd.DataFrame) -> pd.Series:
+    """One name per training run; runs that share a label are told apart by their run hash."""
+    labels = _labels(frame).str.replace(_KIMG_SUFFIX, "", regex=True)
+    if "run_hash" in frame.columns:
+        runs = frame["run_hash"].astype(str)
+        shared = labels.map(runs.groupby(labels).nunique()) > 1
+        labels = labels.where(~shared, labels + " [" + runs.str[:8] + "]")
+    return labels
+
+
+def _progress(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (run, kimg) with the metric (the minimum if evaluated twice)."""
+    data = pd.DataFrame({"label": _run_labels(frame), "kimg": pd.to_numeric(frame["kimg"], errors="coerce"),
+                         "value": pd.to_numeric(frame[metric], errors="coerce")}).dropna(subset=["kimg", "value"])
+    return data.groupby(["label", "kimg"], sort=True)["value"].min().reset_index()
+
+
+def _training_section(frame: pd.DataFrame, metrics: Sequence[str], title: str,
+                      plots: dict[str, bytes]) -> list[str]:
+    """Markdown of every metric against kimg for the training runs (plots are added to `plots`)."""
+    md = ["## Training progress", "",
+          "Evaluations of the EMA network during training (`task=train`): rows are kimg, "
+          "columns are training runs.", ""]
+    for metric in metrics:
+        progress = _progress(frame, metric)
+        if progress.empty:
+            continue
+        md += [f"### {metric} vs kimg", ""]
+        png = _render_plot(progress, metric, title, x="kimg")
+        if png is not None:
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + KIMG_PLOT_SUFFIX
+            plots[name] = png
+            md += [f"![{metric} vs kimg]({name})", ""]
+        wide = progress.pivot(index="kimg", columns="label", values="value")
+        runs = sorted(wide.columns, key=_natural_key)
+        rows = [[f"{kimg:g}"] + [format_value(wide.at[kimg, run]) for run in runs] for kimg in wide.index]
+        md += [markdown_table(["kimg", *runs], rows), ""]
+    return md
 
 
 def _distinct(frame: pd.DataFrame, column: str) -> str:
@@ -214,7 +282,7 @@ def _sorted_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _remove_stale_plots(out_dir: Path, keep: set[str]) -> None:
     # A metric that vanished from the report must not leave a plot that looks current.
-    for path in out_dir.glob("*" + PLOT_SUFFIX):
+    for path in [*out_dir.glob("*" + PLOT_SUFFIX), *out_dir.glob("*" + KIMG_PLOT_SUFFIX)]:
         if path.name not in keep:
             try:
                 path.unlink()
@@ -262,9 +330,11 @@ def write_report(
     else:
         md += ["Metrics: " + ", ".join(f"[{m}](#{re.sub(r'[^a-z0-9_-]', '', m.lower())})" for m in metrics), ""]
 
-    for metric in metrics:
+    training = _is_training(frame)
+    sampling = frame[~training]
+    for metric in metrics if not sampling.empty else ():
         md += [f"## {metric}", ""]
-        cells = _cells(frame, metric)
+        cells = _cells(sampling, metric)
         if cells.empty:
             md += [f"No rows have a value for `{metric}`.", ""]
             continue
@@ -275,12 +345,15 @@ def write_report(
         table, n_multi = _metric_table(cells)
         md += [table, ""]
         if n_multi:
-            md += [f"*{n_multi} of {len(cells)} cells aggregate several rows (several sweeps or seeds); "
-                   "each shows the minimum, following the paper's convention.*", ""]
+            md += [f"*{n_multi} of {len(cells)} cells aggregate several rows (repeats with disjoint seeds, "
+                   "sweeps or seeds); each shows the minimum, following the paper's convention. "
+                   "Mean ± std (rows) over the same cells:*", "", _metric_table(cells, "spread")[0], ""]
         md += [f"### Best configuration per NFE budget ({metric})", "",
                "For each budget B, the configuration with the lowest value among evaluations with NFE ≤ B.", "",
                _best_per_budget(cells, metric), ""]
 
+    if training.any():
+        md += _training_section(frame[training], metrics, title, plots)
     md += _provenance(frame) + [""]
 
     for name, data in plots.items():

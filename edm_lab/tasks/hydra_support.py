@@ -50,7 +50,11 @@ def run_task(cfg: DictConfig) -> Any:
         return run_train(cfg, _choices(), sweep=sweep_id(), project_root=PROJECT_ROOT)
     if name == "report":
         return regenerate_report(cfg)
-    raise ValueError(f"task.name={name!r} is not a task here (sample, train, report)")
+    if name == "fid_ref":
+        from edm_lab.tasks.fid_ref import run_fid_ref
+
+        return run_fid_ref(cfg)
+    raise ValueError(f"task.name={name!r} is not a task here (sample, train, report, fid_ref)")
 
 
 def _choices() -> dict[str, str]:
@@ -82,6 +86,10 @@ class RegenerateReport(Callback):
 
     @staticmethod
     def _write(config: DictConfig) -> None:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return  # under DDP every rank runs the job; the report is written once
         try:
             if not HydraConfig.initialized():  # callbacks run outside the job, where ${hydra:} needs it set
                 HydraConfig.instance().set_config(config)

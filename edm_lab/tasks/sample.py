@@ -1,11 +1,18 @@
 """The sampling task: one point of the design grid, evaluated at every step count of its NFE list.
 
-Each (configuration, num_steps) becomes one result row, written atomically to the local
-store once all its metrics are known, then logged to the tracker. Rows already stored are
-reused unless `force` is set, so an interrupted sweep resumes where it stopped.
+Each (configuration, num_steps, repeat) becomes one result row, written atomically to the local
+store once all its metrics are known; the tracker gets one point per step count (the minimum over
+repeats, as the paper reports, with mean and std). Rows already stored are reused unless `force`
+is set, so an interrupted sweep resumes where it stopped. Repeat k samples seeds
+seed + k * num_samples ... seed + (k + 1) * num_samples - 1.
+
+Under DDP (trainer=ddp) every rank runs this whole function: each samples its share of the seeds
+and all get the gathered results, so every rank computes the same rows; only rank 0 writes rows,
+single files and the tracker.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -13,23 +20,35 @@ import math
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from edm_lab.atomic import cached
+from edm_lab.atomic import atomic_torch_save, atomic_write_text, cached
+from edm_lab.checkpoints.snapshot import file_sha256
 from edm_lab.design.sampler import sample
 from edm_lab.evaluate.features import FrechetDistance
-from edm_lab.evaluate.sampling import SamplingModule, generate, reference_sampler, rms_error, start_sigma
+from edm_lab.evaluate.sampling import (
+    SamplingModule,
+    frechet_from_features,
+    generate,
+    reference_sampler,
+    rms_from_squared_errors,
+    start_sigma,
+)
+from edm_lab.track.images import grid_items, save_images
 from edm_lab.track.store import ResultsStore, config_hash
 from edm_lab.track.tracking import CurveTracker
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 AXES = ("schedule", "scaling", "discretization", "solver", "churn")
-# What fixes a row's numbers; logger, paths, trainer and batch size do not.
+# What fixes a row's numbers; logger, paths, trainer and batch size do not, nor `repeats`
+# (each repeat is its own row of the same configuration, so raising it reuses the rows stored).
 HASHED = ("data", "model", "precond", *AXES, "metric", "num_samples", "seed")
 # Overrides of these keys change neither the numbers nor the label.
 UNHASHED_PREFIXES = ("nfe.", "logger.", "paths.", "trainer.", "hydra.", "metric.batch_size")
@@ -49,6 +68,12 @@ def validate(cfg: DictConfig) -> list[int]:
             raise ConfigError(f"nfe.steps must hold integers >= 1, got {s!r}")
     if cfg.num_samples < 2:
         raise ConfigError(f"num_samples must be >= 2 (a Frechet distance needs a covariance), got {cfg.num_samples}")
+    repeats = cfg.repeats
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ConfigError(f"repeats must be an integer >= 1 (disjoint seed ranges of num_samples each), got {repeats!r}")
+    export = cfg.export_images
+    if export is not None and (not isinstance(export, str) or not export.strip()):
+        raise ConfigError(f"export_images must be null or a folder path, got {export!r}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.metric.reference_steps < 2:
@@ -94,61 +119,111 @@ def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str],
 
 def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str] = (),
                sweep: str = "local", project_root: Path | None = None) -> list[dict[str, Any]]:
-    """Evaluate the configured sampler at each step count; returns the rows (stored or reused)."""
+    """Evaluate the configured sampler at each step count and repeat; returns the rows (stored or reused)."""
     steps_list = validate(cfg)
     axes = {name: instantiate(cfg[name]) for name in AXES}  # raises on bad values before any work
     trainer = instantiate(cfg.trainer)  # an unavailable accelerator fails here, before any output
     dataset = instantiate(cfg.data)
+    if cfg.export_images is not None and not dataset.is_image:
+        raise ConfigError(f"export_images writes PNG files, but data {dataset.name!r} has samples shaped "
+                          f"{tuple(dataset.sample_shape)}; set export_images=null")
     net = instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
     frechet = build_frechet(cfg, dataset)  # FID weights are checked here, before any sampling
+    reference_statistics = frechet.reference_statistics()
 
     store = ResultsStore(cfg.paths.results_dir)
     identity = describe(cfg, choices, overrides, axes, sweep, project_root or Path.cwd(),
                         getattr(net, "provenance", {}))
     metric = str(cfg.metric.name)
-    tracker = CurveTracker(instantiate(cfg.logger) if cfg.get("logger") else None, [metric, "sampler_rmse"],
-                           OmegaConf.to_container(cfg, resolve=True))
+    main = trainer.is_global_zero  # other DDP ranks compute the same rows but write nothing
+    logger = instantiate(cfg.logger) if cfg.get("logger") and main else None
+    tracker = CurveTracker(logger, [metric, "sampler_rmse"], OmegaConf.to_container(cfg, resolve=True))
     location = tracker.location
-    references: dict[float, torch.Tensor] = {}
+    export = _export_root(cfg, identity, main)
+    references: dict[tuple[float, int], torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
+    by_steps: dict[int, list[dict[str, Any]]] = {}
     status = "failed"
     try:
-        for num_steps in steps_list:
-            row = None if cfg.force else store.get(identity["config_hash"], num_steps)
-            samples = None
-            if row is not None:
-                log.info("steps=%d: stored row reused (force=true recomputes)", num_steps)
-            else:
-                samples, row = evaluate_point(cfg, trainer, net, dataset, axes, num_steps, frechet, references)
-                row = {**identity, **row}
-                store.write(row)  # only complete rows are ever written
-                log.info("steps=%d nfe=%d %s=%.4g sampler_rmse=%s (%.1fs)", num_steps, row["nfe"], metric,
-                         row[metric], _fmt(row["sampler_rmse"]), row["seconds"])
-            rows.append(row)
-            tracker.log_point(row, samples)
+        # Repeat by repeat, so one repeat's reference solution serves all its step counts; the
+        # tracker gets a step count's point once its last repeat is known.
+        for repeat in range(cfg.repeats):
+            references.clear()
+            for num_steps in steps_list:
+                row = None if cfg.force else store.get(identity["config_hash"], num_steps, repeat)
+                # Rank 0 decides (once the ranks are connected): all must sample, or none.
+                row = trainer.strategy.broadcast(row)
+                samples = None
+                if row is not None:
+                    log.info("steps=%d repeat=%d: stored row reused (force=true recomputes)", num_steps, repeat)
+                else:
+                    samples, row = evaluate_point(cfg, trainer, net, dataset, axes, num_steps, repeat, frechet,
+                                                  reference_statistics, references, export)
+                    row = {**identity, **row}
+                    if main:
+                        store.write(row)  # only complete rows are ever written
+                        log.info("steps=%d repeat=%d nfe=%d %s=%.4g sampler_rmse=%s (%.1fs, %.0f img/s)", num_steps,
+                                 repeat, row["nfe"], metric, row[metric], _fmt(row["sampler_rmse"]), row["seconds"],
+                                 row["images_per_second"])
+                rows.append(row)
+                by_steps.setdefault(num_steps, []).append(row)
+                if repeat == cfg.repeats - 1:
+                    tracker.log_point(by_steps[num_steps], samples)
         status = "success"
     finally:
+        rows.sort(key=lambda r: (r["num_steps"], r["repeat"]))
         tracker.finish(rows, status)
-    print(f"results: {len(rows)} rows in {store.root} (config {identity['config_hash']})")
-    if location:
-        print(f"tracker run: {location}" + (" (offline: `wandb sync` uploads it)" if tracker.is_wandb else ""))
+    if main:
+        print(f"results: {len(rows)} rows in {store.root} (config {identity['config_hash']})")
+        if location:
+            print(f"tracker run: {location}" + (" (offline: `wandb sync` uploads it)" if tracker.is_wandb else ""))
+        if export is not None:
+            print(f"images: {export}")
     return rows
 
 
+def _export_root(cfg: DictConfig, identity: Mapping[str, Any], main: bool) -> Path | None:
+    """`<export_images>/<config_hash>`, with the configuration's label beside its images (rank 0 writes it)."""
+    if cfg.export_images is None:
+        return None
+    root = Path(cfg.export_images).expanduser() / identity["config_hash"]
+    if main:
+        atomic_write_text(root / "label.txt", identity["label"] + "\n")
+    return root
+
+
 def build_frechet(cfg: DictConfig, dataset) -> FrechetDistance:
-    """The configured Frechet distance against `dataset`, its reference statistics cached per
-    (data set content, extractor config) so a sweep extracts the data set's features once."""
+    """The configured Frechet distance against `dataset`'s reference statistics: read from the
+    `metric.reference` .npz when set, else extracted once per (data set content, extractor config)
+    and cached, so a sweep extracts the data set's features once. Bad input fails before sampling."""
+    from edm_lab.evaluate import reference as ref
+
+    path = cfg.metric.get("reference")
+    loaded = ref.load_npz(path, key="metric.reference") if path else None  # before building the extractor
     cache_dir = Path(cfg.paths.cache_dir)
     frechet = FrechetDistance(instantiate(cfg.metric.extractor)(dataset, cache_dir), batch_size=cfg.metric.batch_size)
-    key = config_hash({"fingerprint": dataset.fingerprint,
-                       "extractor": OmegaConf.to_container(cfg.metric.extractor, resolve=True)})
-
-    def compute() -> dict[str, torch.Tensor]:
-        frechet.set_reference(dataset.samples)
-        return frechet.reference_statistics()
-
-    frechet.load_reference_statistics(cached(cache_dir / "reference_stats" / f"{key}.pt", compute))
+    if loaded is not None:
+        ref.check_compatible(loaded, ref.extractor_name(frechet.extractor), frechet.extractor.num_features,
+                             key="metric.reference")
+        stats = ref.statistics_from_moments(loaded.mu, loaded.sigma, loaded.num_images or ref.DEFAULT_COUNT)
+    else:
+        stats = ref.cached_data_statistics(frechet, dataset.samples, dataset.fingerprint,
+                                           OmegaConf.to_container(cfg.metric.extractor, resolve=True), cache_dir)
+    frechet.load_reference_statistics(stats)
     return frechet
+
+
+def _metric_identity(metric: dict[str, Any]) -> dict[str, Any]:
+    """What of the metric config fixes its numbers: not the batch size nor where the Inception weights
+    came from; a reference statistics file by its content (and absent when unset, so rows stored before
+    the option existed keep their hash)."""
+    metric = {k: v for k, v in metric.items() if k != "batch_size"}
+    if isinstance(metric.get("extractor"), dict):
+        metric["extractor"] = {k: v for k, v in metric["extractor"].items() if k != "download"}
+    reference = metric.pop("reference", None)
+    if reference is not None:
+        metric["reference_sha256"] = file_sha256(Path(str(reference)).expanduser())
+    return metric
 
 
 def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str], axes: Mapping[str, Any],
@@ -161,7 +236,7 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
     choices = {**choices, **({"precond": provenance["precond"]} if provenance.get("precond") else {})}
     hashed = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
               for k in HASHED}
-    hashed["metric"].pop("batch_size", None)
+    hashed["metric"] = _metric_identity(hashed["metric"])
     hashed["provenance"] = provenance  # a checkpoint is identified by its content, not its path
     params = [o for o in overrides if "." in o.split("=")[0] and not o.startswith(UNHASHED_PREFIXES)]
     return {
@@ -173,30 +248,51 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
     }
 
 
-def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, Any], num_steps: int,
-                   frechet: FrechetDistance, references: dict[float, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Sample at `num_steps` and measure: (samples, the row's measured columns)."""
-    start = time.perf_counter()
-    sampler = functools.partial(sample, num_steps=num_steps, **axes)
-    samples, nfe = generate(trainer, SamplingModule(net, dataset.sample_shape, sampler), cfg.seed,
-                            cfg.num_samples, cfg.batch_size)
-    seconds = time.perf_counter() - start
+def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, Any], num_steps: int, repeat: int,
+                   frechet: FrechetDistance, reference_statistics: Mapping[str, torch.Tensor],
+                   references: dict[tuple[float, int], torch.Tensor],
+                   export: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """Sample repeat `repeat` at `num_steps` and measure: (the tracker's samples, the row's measured columns).
+
+    `seconds` is the point's wall time (sampling, features, gathering, distance), without the
+    one-off reference solution; `images_per_second` counts sampling alone (the slowest rank).
+    """
+    first_seed = int(cfg.seed) + repeat * int(cfg.num_samples)
     sigma0 = start_sigma(net, num_steps, axes["schedule"], axes["discretization"])
-    error = None  # a stochastic sampler does not converge to the ODE's solution: no truncation error
+    reference = None  # a stochastic sampler does not converge to the ODE's solution: no truncation error
     if cfg.metric.sampler_error and not axes["churn"].stochastic:
-        if sigma0 not in references:
-            references[sigma0] = _reference_solution(cfg, trainer, net, dataset, sigma0)
-        error = rms_error(samples, references[sigma0])
-    return samples, {"num_steps": num_steps, "nfe": nfe, str(cfg.metric.name): frechet(samples.float()),
-                     "sampler_rmse": error, "sigma_start": sigma0, "seconds": seconds,
-                     "time": dt.datetime.now().isoformat(timespec="seconds")}
+        if (sigma0, first_seed) not in references:
+            references[(sigma0, first_seed)] = _reference_solution(cfg, trainer, net, dataset, sigma0, first_seed)
+        reference = references[(sigma0, first_seed)]
+    on_batch = None
+    if export is not None:
+        on_batch = functools.partial(_export_batch, export / f"steps-{num_steps}" / f"r{repeat}")
+    start = time.perf_counter()
+    module = SamplingModule(net, dataset.sample_shape, functools.partial(sample, num_steps=num_steps, **axes),
+                            first_seed, extractor=frechet.extractor, feature_batch_size=frechet.batch_size,
+                            feature_dtype=frechet.input_dtype, reference=reference,
+                            keep_samples=grid_items(dataset.sample_shape), on_batch=on_batch)
+    out = generate(trainer, module, first_seed, cfg.num_samples, cfg.batch_size)
+    value = frechet_from_features(reference_statistics, out.features, frechet.batch_size)
+    error = None
+    if out.squared_error is not None:
+        error = rms_from_squared_errors(out.squared_error, math.prod(dataset.sample_shape))
+    seconds = time.perf_counter() - start
+    return out.samples, {"num_steps": num_steps, "repeat": repeat, "first_seed": first_seed, "nfe": out.nfe,
+                         str(cfg.metric.name): value, "sampler_rmse": error, "sigma_start": sigma0,
+                         "seconds": seconds, "images_per_second": cfg.num_samples / max(out.sampling_seconds, 1e-9),
+                         "time": dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def _export_batch(directory: Path, seeds: list[int], samples: torch.Tensor) -> None:
+    save_images(samples, seeds, directory)
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
 
-def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float) -> torch.Tensor:
+def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float, first_seed: int) -> torch.Tensor:
     """The same ODE solved with many Heun steps from the same seeds, cached across jobs."""
     # The model's provenance carries a checkpoint's content hash: a file replaced at the same path
     # must not reuse the old network's solution.
@@ -205,11 +301,41 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
                        "provenance": getattr(net, "provenance", {}),
                        "precond": OmegaConf.to_container(cfg.precond, resolve=True),
                        "sigma_start": repr(sigma_start), "steps": cfg.metric.reference_steps,
-                       "seed": cfg.seed, "num_samples": cfg.num_samples})
+                       "seed": first_seed, "num_samples": cfg.num_samples})
 
     def compute() -> torch.Tensor:
-        log.info("reference solution: %d Heun steps from sigma=%.4g", cfg.metric.reference_steps, sigma_start)
-        module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps))
-        return generate(trainer, module, cfg.seed, cfg.num_samples, cfg.batch_size)[0]
+        log.info("reference solution: %d Heun steps from sigma=%.4g, seeds from %d", cfg.metric.reference_steps,
+                 sigma_start, first_seed)
+        module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps),
+                                first_seed)
+        return generate(trainer, module, first_seed, cfg.num_samples, cfg.batch_size).samples
 
-    return cached(Path(cfg.paths.cache_dir) / "references" / f"{key}.pt", compute)
+    return shared_cache(trainer, Path(cfg.paths.cache_dir) / "references" / f"{key}.pt", compute)
+
+
+def shared_cache(trainer, path: Path, compute: Callable[[], T]) -> T:
+    """`cached` for a value all DDP ranks compute together (`compute` is collective).
+
+    Only rank 0 takes the file lock, decides whether the file exists and writes it: a rank waiting
+    for a lock that another rank holds while both must meet in `compute` would never get it.
+    """
+    if trainer.world_size == 1:
+        return cached(path, compute)
+    from filelock import FileLock
+
+    main = trainer.is_global_zero
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock") if main else contextlib.nullcontext():
+        # Before the ranks first connect, each decides alone. They agree: ranks that Lightning
+        # launches start only once rank 0 is in its first collective (holding this lock if it
+        # computes, so no other job can write the file meanwhile). Ranks started by an external
+        # launcher could disagree only if another job wrote this very file in between.
+        if trainer.strategy.broadcast(path.exists()):
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+                raise RuntimeError(f"cache file {path} is unreadable ({exc}); delete it to recompute") from exc
+        value = compute()
+        if main:
+            atomic_torch_save(value, path)
+        return value

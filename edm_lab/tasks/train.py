@@ -50,12 +50,14 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "duration_kimg", "snapshot_kimg", "log_kimg"):
         if not t[key] > 0:
             raise ConfigError(f"task.{key} must be > 0, got {t[key]}")
-    for key in ("lr", "ema_halflife_kimg"):
+    for key in ("lr", "ema_halflife_kimg", "loss_scaling"):
         if not t[key] > 0:
             raise ConfigError(f"task.{key} must be > 0, got {t[key]}")
     for key in ("lr_rampup_kimg", "eval_kimg"):
         if t[key] < 0:
             raise ConfigError(f"task.{key} must be >= 0, got {t[key]}")
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        raise ConfigError(f"task.grad_clip must be > 0 or null, got {t.grad_clip}")
     if t.resume is not None and not Path(t.resume).is_file():
         raise ConfigError(f"task.resume={t.resume} does not exist")
 
@@ -100,7 +102,8 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
                                 class_conditional=t.class_conditional).train()
     module = DiffusionModule(denoiser, loss, batch_size=t.batch_size, augment_pipe=augment_pipe, lr=t.lr,
                              betas=tuple(t.betas), eps=t.eps, lr_rampup_kimg=t.lr_rampup_kimg,
-                             ema_halflife_kimg=t.ema_halflife_kimg, ema_rampup_ratio=t.ema_rampup_ratio)
+                             ema_halflife_kimg=t.ema_halflife_kimg, ema_rampup_ratio=t.ema_rampup_ratio,
+                             loss_scaling=t.loss_scaling)
 
     output_dir = Path(cfg.paths.output_dir)
     steps = math.ceil(t.duration_kimg * 1000 / t.batch_size)  # optimizer steps (Lightning's global_step)
@@ -113,7 +116,8 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
     trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=callbacks, enable_checkpointing=True,
                           log_every_n_steps=max(1, round(t.log_kimg * 1000 / t.batch_size)),
                           logger=instantiate(cfg.logger) if cfg.get("logger") else False,
-                          use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0)
+                          use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
+                          gradient_clip_val=t.grad_clip, gradient_clip_algorithm="norm")
     batch_gpu, trainer.accumulate_grad_batches = batch_split(cfg, trainer.world_size)
 
     data = ImageDataModule(dataset, batch_gpu, num_workers=t.num_workers, xflip=t.xflip, seed=cfg.seed,
@@ -139,6 +143,7 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
     run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
                   ("data", "net", "precond", "noise", "weighting", "augment", "task", "metric") if cfg.get(k) is not None}
     run_config["seed"] = cfg.seed
+    run_hash = config_hash(run_config)  # one training run: the report draws its metric against kimg
 
     def evaluate(ema: torch.nn.Module, nimg: int) -> dict[str, float]:
         device = next(ema.parameters()).device
@@ -150,11 +155,12 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
             samples.append(result.x.cpu())
             nfe = result.nfe
         value = frechet(torch.cat(samples).float())
-        row = {"config_hash": config_hash({**run_config, "kimg": nimg / 1000}), "num_steps": t.eval_steps,
+        row = {"config_hash": config_hash({**run_config, "kimg": nimg / 1000}), "run_hash": run_hash,
+               "num_steps": t.eval_steps,
                "nfe": nfe, cfg.metric.name: value, "kimg": nimg / 1000, "task": "train", "sweep": sweep,
                "label": f"train {choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
                         f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
-                        f"augment={choices.get('augment')} @ {nimg / 1000:g} kimg",
+                        f"augment={choices.get('augment')}",
                **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment", *AXES)},
                "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": git_commit(project_root or Path.cwd())}
         store.write(row)

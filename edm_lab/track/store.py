@@ -1,6 +1,8 @@
-"""A results store: one JSON file per (configuration, num_steps) evaluation.
+"""A results store: one JSON file per (configuration, num_steps, repeat) evaluation.
 
-Layout: ``root/rows/<config_hash>/steps-<num_steps>.json``. Every file is written atomically
+Layout: ``root/rows/<config_hash>/steps-<num_steps>.json`` for repeat 0 (the layout of stores
+written before repeats existed, whose rows count as repeat 0) and
+``root/rows/<config_hash>/steps-<num_steps>-r<repeat>.json`` for repeats 1, 2, ... Every file is written atomically
 (temp file in the same directory, fsync, ``os.replace``), so several processes of a parallel
 launcher can write into one store at once and an interrupted run never leaves a half-written
 row behind: a reader sees either the previous complete file or the new complete file.
@@ -26,7 +28,7 @@ __all__ = ["config_hash", "ResultsStore"]
 
 # Temp files start with "." and end with ".tmp": they can never match the row glob below.
 _ROW_GLOB = "steps-*.json"
-_ROW_NAME = re.compile(r"^steps-(-?\d+)\.json$")
+_ROW_NAME = re.compile(r"^steps-(-?\d+)(?:-r(\d+))?\.json$")
 # A hash becomes a directory name: refuse anything that could escape the store or hide.
 _SAFE_HASH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
@@ -74,6 +76,16 @@ def _steps_key(value: Any) -> int:
     return as_int
 
 
+def _repeat_key(value: Any) -> int:
+    try:
+        as_int = _steps_key(value)
+    except ValueError:
+        as_int = -1
+    if as_int < 0:
+        raise ValueError(f"repeat must be an integer >= 0, got {value!r}")
+    return as_int
+
+
 def _hash_key(value: Any) -> str:
     if not isinstance(value, str) or not _SAFE_HASH.match(value):
         raise ValueError(f"config_hash must be a plain name such as '3f2a9c1b7d0e', got {value!r}")
@@ -91,12 +103,14 @@ class ResultsStore:
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.root)!r})"
 
-    def path(self, config_hash: str, num_steps: int) -> Path:
-        """The file that holds the row of (config_hash, num_steps)."""
-        return self.rows_dir / _hash_key(config_hash) / f"steps-{_steps_key(num_steps)}.json"
+    def path(self, config_hash: str, num_steps: int, repeat: int = 0) -> Path:
+        """The file that holds the row of (config_hash, num_steps, repeat)."""
+        repeat = _repeat_key(repeat)
+        suffix = f"-r{repeat}" if repeat else ""  # repeat 0 keeps the pre-repeat name
+        return self.rows_dir / _hash_key(config_hash) / f"steps-{_steps_key(num_steps)}{suffix}.json"
 
     @staticmethod
-    def _read(path: Path) -> dict | None:
+    def _read(path: Path, repeat: int = 0) -> dict | None:
         try:
             row = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -107,42 +121,46 @@ class ResultsStore:
         if not isinstance(row, dict):
             warnings.warn(f"skipping result row {path}: not a JSON object", RuntimeWarning, stacklevel=3)
             return None
+        row.setdefault("repeat", repeat)  # rows written before repeats existed are repeat 0
         return row
 
-    def get(self, config_hash: str, num_steps: int) -> dict | None:
-        """The stored row, or None if absent (or unreadable, with a warning)."""
-        return self._read(self.path(config_hash, num_steps))
+    def get(self, config_hash: str, num_steps: int, repeat: int = 0) -> dict | None:
+        """The stored row (its `repeat` always set), or None if absent (or unreadable, with a warning)."""
+        return self._read(self.path(config_hash, num_steps, repeat), _repeat_key(repeat))
 
-    def has(self, config_hash: str, num_steps: int) -> bool:
+    def has(self, config_hash: str, num_steps: int, repeat: int = 0) -> bool:
         """Whether a readable row exists: a corrupt file counts as missing so it gets redone."""
-        return self.get(config_hash, num_steps) is not None
+        return self.get(config_hash, num_steps, repeat) is not None
 
     def write(self, row: Mapping) -> Path:
-        """Validate and atomically write one row; returns its path (overwrites an older row)."""
+        """Validate and atomically write one row; returns its path (overwrites an older row).
+
+        The row's `repeat` (default 0) is part of its key: each repeat of a point is its own file.
+        """
         for key in ("config_hash", "num_steps"):
             if key not in row:
                 raise ValueError(f"result row is missing required key {key!r}")
-        path = self.path(row["config_hash"], row["num_steps"])
+        path = self.path(row["config_hash"], row["num_steps"], row.get("repeat", 0))
         # allow_nan=True emits Infinity/NaN, which json.loads reads back to the same floats.
         text = json.dumps(dict(row), indent=1, allow_nan=True, default=_json_default)
         return atomic_write_text(path, text + "\n")
 
-    def _row_paths(self) -> list[Path]:
+    def _row_paths(self) -> list[tuple[Path, int]]:
         if not self.rows_dir.is_dir():
             return []
         found = []
         for path in self.rows_dir.glob(f"*/{_ROW_GLOB}"):
             match = _ROW_NAME.match(path.name)
             if match and path.is_file():
-                found.append((path.parent.name, int(match.group(1)), path))
-        found.sort(key=lambda t: (t[0], t[1]))
-        return [p for _, _, p in found]
+                found.append((path.parent.name, int(match.group(1)), int(match.group(2) or 0), path))
+        found.sort(key=lambda t: t[:3])
+        return [(p, repeat) for _, _, repeat, p in found]
 
     def rows(self) -> list[dict]:
-        """All readable rows, ordered by (config_hash, num_steps); bad files are warned about and skipped."""
+        """All readable rows, ordered by (config_hash, num_steps, repeat); bad files are warned about and skipped."""
         out = []
-        for path in self._row_paths():
-            row = self._read(path)
+        for path, repeat in self._row_paths():
+            row = self._read(path, repeat)
             if row is not None:
                 out.append(row)
         return out

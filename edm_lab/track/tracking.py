@@ -3,12 +3,17 @@
 W&B gets NFE as the step metric of every curve metric (so its charts are metric-vs-NFE),
 the resolved config, a table of the curve and a grid of samples per point; other loggers
 (CSV) get the metrics with step = NFE.
+
+A point may have several repeats (disjoint seed ranges): a curve metric `m` is then their
+minimum, as the paper reports, with `m_mean` and `m_std` (sample std) beside it; the costs
+(`seconds`, `images_per_second`) are their means.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import Tensor
 
@@ -18,9 +23,13 @@ from edm_lab.track.images import sample_grid
 class CurveTracker:
     """Logs the points of one job's metric-vs-NFE curve."""
 
+    COSTS = ("seconds", "images_per_second")
+
     def __init__(self, logger: Logger | None, metrics: Sequence[str], config: Mapping[str, Any]) -> None:
         self.logger = logger
-        self.metrics = list(metrics) + ["seconds", "num_steps"]
+        self.curve_metrics = list(metrics)
+        self.metrics = [*metrics, *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), *self.COSTS,
+                        "num_steps", "repeats"]
         self.is_wandb = isinstance(logger, WandbLogger)
         if logger is None:
             return
@@ -31,11 +40,28 @@ class CurveTracker:
             for name in self.metrics + ["samples"]:
                 run.define_metric(name, step_metric="nfe", summary="min")
 
-    def log_point(self, row: Mapping[str, Any], samples: Tensor | None = None) -> None:
-        """One curve point; `samples` (optional) are drawn as a grid."""
+    def point_values(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """The logged values of one point from its rows (one per repeat)."""
+        values: dict[str, Any] = {"nfe": rows[0]["nfe"], "num_steps": rows[0]["num_steps"], "repeats": len(rows)}
+        for name in self.curve_metrics:
+            found = np.array([r[name] for r in rows if r.get(name) is not None], dtype=np.float64)
+            if len(found):
+                values[name] = float(found.min())  # NaN propagates: a failed repeat is not hidden
+            if len(found) > 1:
+                values[f"{name}_mean"], values[f"{name}_std"] = float(found.mean()), float(found.std(ddof=1))
+        for name in self.COSTS:
+            found = [float(r[name]) for r in rows if r.get(name) is not None]
+            if found:
+                values[name] = float(np.mean(found))
+        return values
+
+    def log_point(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], samples: Tensor | None = None) -> None:
+        """One curve point from its row, or its rows of every repeat; `samples` (optional) are drawn as a grid."""
         if self.logger is None:
             return
-        values = {k: row[k] for k in ["nfe", *self.metrics] if row.get(k) is not None}
+        rows = [rows] if isinstance(rows, Mapping) else list(rows)
+        row = rows[0]
+        values = self.point_values(rows)
         if self.is_wandb:
             import wandb
 

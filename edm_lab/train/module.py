@@ -25,13 +25,14 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, denoiser: nn.Module, loss: DenoisingLoss, batch_size: int,
                  augment_pipe: nn.Module | None = None, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, lr_rampup_kimg: float = 10_000, ema_halflife_kimg: float = 500,
-                 ema_rampup_ratio: float | None = 0.05) -> None:
+                 ema_rampup_ratio: float | None = 0.05, loss_scaling: float = 1.0) -> None:
         super().__init__()
         self.net = denoiser
         self.ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
         self.loss, self.augment_pipe, self.batch_size = loss, augment_pipe, batch_size
         self.lr, self.betas, self.eps, self.lr_rampup_kimg = lr, tuple(betas), eps, lr_rampup_kimg
         self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
+        self.loss_scaling = loss_scaling
         self.cur_nimg = 0
 
     @property
@@ -43,7 +44,9 @@ class DiffusionModule(L.LightningModule):
         labels = labels if labels.shape[-1] else None
         per_pixel = self.loss(self.net, images, labels, self.augment_pipe)
         # Sum over pixels, mean over images: the reference's loss.sum() / batch, whatever the batch split.
-        loss = per_pixel.sum() / images.shape[0]
+        # Loss scaling is never undone, as in the reference: Adam is invariant to it but for eps and
+        # the non-finite gradient clean-up, which is what its ImageNet fp16 recipe (ls=100) relies on.
+        loss = per_pixel.sum() * self.loss_scaling / images.shape[0]
         self.log("train/loss", per_pixel.mean().detach(), prog_bar=True, on_step=True, sync_dist=False)
         return loss
 
