@@ -323,15 +323,16 @@ def write_report(
             available = ", ".join(default_metrics(frame)) or "none"
             raise ValueError(f"unknown metric column(s) {unknown}; metric columns present: {available}")
 
-    md += [f"Generated from {len(frame)} result rows. All metrics are lower-is-better; "
-           "rows are configurations, columns are NFE (number of denoiser evaluations).", ""]
+    training = _is_training(frame)
+    sampling = frame[~training]
+    md += [f"Generated from {len(frame)} result rows. All metrics are lower-is-better"
+           + ("; in the NFE tables rows are configurations, columns are NFE (number of denoiser evaluations)."
+              if not sampling.empty else "."), ""]
     if not metrics:
         md += [f"No metric columns found (looked for {', '.join(KNOWN_METRICS)} and `fd_*`).", ""]
     else:
         md += ["Metrics: " + ", ".join(f"[{m}](#{re.sub(r'[^a-z0-9_-]', '', m.lower())})" for m in metrics), ""]
 
-    training = _is_training(frame)
-    sampling = frame[~training]
     for metric in metrics if not sampling.empty else ():
         md += [f"## {metric}", ""]
         cells = _cells(sampling, metric)

@@ -164,7 +164,7 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
                **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment", *AXES)},
                "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": git_commit(project_root or Path.cwd())}
         store.write(row)
-        log.info("kimg %.1f: %s=%.4g (NFE %d)", nimg / 1000, cfg.metric.name, value, nfe)
+        log.info("kimg %g: %s=%.4g (NFE %d)", nimg / 1000, cfg.metric.name, value, nfe)
         return {cfg.metric.name: value, "kimg": nimg / 1000}
 
     return evaluate
