@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edm_lab.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_torch_save, fsync_dir
+from edm_lab.atomic import atomic_torch_save
 from edm_lab.data.datasets import ArrayDataset
 
 __all__ = [
@@ -293,10 +291,11 @@ def inception_hub_path() -> Path:
 
 
 def download_inception_weights(url: str, dest: str | Path) -> Path:
-    """Download ``url`` to ``dest`` atomically, checking the sha256 prefix carried by the URL's file name.
+    """Download ``url`` to ``dest``, checking the sha256 prefix carried by the URL's file name.
 
-    The file only appears at ``dest`` once it is complete and verified; a failed or interrupted download
-    leaves nothing behind. A file lock makes parallel jobs download once.
+    torch.hub downloads into a temporary file beside ``dest`` and moves it there only once complete
+    and verified, so a failed or interrupted download leaves nothing at ``dest``. A file lock makes
+    parallel jobs download once.
     """
     from filelock import FileLock
 
@@ -304,19 +303,9 @@ def download_inception_weights(url: str, dest: str | Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
     with FileLock(str(dest) + ".lock"):
-        if dest.is_file():  # another job finished it while we waited
-            return dest
-        tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-        try:
-            torch.hub.download_url_to_file(url, str(tmp), hash_prefix=match.group(1) if match else None,
+        if not dest.is_file():  # else another job finished it while we waited
+            torch.hub.download_url_to_file(url, str(dest), hash_prefix=match.group(1) if match else None,
                                            progress=False)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    fsync_dir(dest.parent)
     return dest
 
 
