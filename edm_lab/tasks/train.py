@@ -144,6 +144,11 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
                   ("data", "net", "precond", "noise", "weighting", "augment", "task", "metric") if cfg.get(k) is not None}
     run_config["seed"] = cfg.seed
     run_hash = config_hash(run_config)  # one training run: the report draws its metric against kimg
+    # A paper preset names the run (configs A-C differ only in hyperparameters the axes do not show).
+    label = " ".join(filter(None, [choices.get("experiment"), "train",
+                                   f"{choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
+                                   f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
+                                   f"augment={choices.get('augment')}"]))
 
     def evaluate(ema: torch.nn.Module, nimg: int) -> dict[str, float]:
         device = next(ema.parameters()).device
@@ -158,9 +163,7 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
         row = {"config_hash": config_hash({**run_config, "kimg": nimg / 1000}), "run_hash": run_hash,
                "num_steps": t.eval_steps,
                "nfe": nfe, cfg.metric.name: value, "kimg": nimg / 1000, "task": "train", "sweep": sweep,
-               "label": f"train {choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
-                        f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
-                        f"augment={choices.get('augment')}",
+               "label": label,
                **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment", *AXES)},
                "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": git_commit(project_root or Path.cwd())}
         store.write(row)
