@@ -176,3 +176,13 @@ def test_gradient_clipping_and_loss_scaling_reach_the_update(tmp_path, override)
 
     plain, shrunk = moved("plain"), moved("shrunk", override)
     assert plain > 1e-4 and shrunk < plain * 0.02  # without the option both move alike (ratio ~1)
+
+
+def test_wandb_charts_training_against_kimg(tmp_path):
+    from tests.wandb_records import summarize
+
+    train(tmp_path, "wandb", "task.duration_kimg=0.064", "task.snapshot_kimg=0.064", "task.eval_kimg=0.064",
+          "logger=wandb")
+    run = summarize(next((tmp_path / "wandb").rglob("run-*.wandb")))
+    assert run["metrics"]["eval/fd_raw"] == "eval/kimg" and run["metrics"]["train/loss"] == "train/kimg"
+    assert [h["eval/kimg"] for h in run["history"] if "eval/fd_raw" in h] == [0.032, 0.064]

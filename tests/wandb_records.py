@@ -50,8 +50,8 @@ def summarize(path: str | Path) -> dict:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
-        elif kind == "metric" and rec.metric.name:
-            out["metrics"][rec.metric.name] = rec.metric.step_metric
+        elif kind == "metric" and (rec.metric.name or rec.metric.glob_name):
+            out["metrics"][rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
         elif kind == "run":
             out["group"], out["name"] = rec.run.run_group, rec.run.display_name
             for item in rec.run.config.update:

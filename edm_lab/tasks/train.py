@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from edm_lab.checkpoints.snapshot import save_checkpoint
@@ -115,7 +116,7 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
         callbacks.append(EvaluateEMA(t.eval_kimg, _evaluator(cfg, choices, dataset, axes, sweep, project_root)))
     trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=callbacks, enable_checkpointing=True,
                           log_every_n_steps=max(1, round(t.log_kimg * 1000 / t.batch_size)),
-                          logger=instantiate(cfg.logger) if cfg.get("logger") else False,
+                          logger=_kimg_axis(instantiate(cfg.logger), str(cfg.metric.name)) if cfg.get("logger") else False,
                           use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
                           gradient_clip_val=t.grad_clip, gradient_clip_algorithm="norm")
     batch_gpu, trainer.accumulate_grad_batches = batch_split(cfg, trainer.world_size)
@@ -123,7 +124,10 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
     data = ImageDataModule(dataset, batch_gpu, num_workers=t.num_workers, xflip=t.xflip, seed=cfg.seed,
                            use_labels=t.class_conditional, start=lambda: module.cur_nimg)
     began = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=t.resume)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=t.resume)
+    finally:
+        _finish_wandb(trainer)
     result = {"kimg": module.kimg, "seconds": time.perf_counter() - began, "checkpoints": str(checkpoints.dirpath)}
     if trainer.is_global_zero:
         final = save_checkpoint(module.ema, output_dir / f"network-snapshot-{int(module.kimg):06d}.safetensors",
@@ -132,6 +136,26 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
         print(f"trained {module.kimg:g} kimg in {result['seconds']:.0f}s; EMA network: {final} "
               f"(sample with model=checkpoint model.path={final}); checkpoints: {checkpoints.dirpath}")
     return result
+
+
+def _kimg_axis(logger: Logger, metric: str) -> Logger:
+    """W&B charts training progress in kimg (the paper's unit), not in optimizer steps."""
+    if isinstance(logger, WandbLogger):
+        run = logger.experiment  # a no-op stand-in on ranks other than 0
+        # Named one by one: an exact definition outranks Lightning's "*" -> global_step glob.
+        for prefix, names in (("train", ("loss", "lr")), ("eval", (metric,))):
+            run.define_metric(f"{prefix}/kimg")
+            for name in names:
+                run.define_metric(f"{prefix}/{name}", step_metric=f"{prefix}/kimg")
+    return logger
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    # Lightning leaves the W&B run open; the next job of a multirun in this process would log into it.
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()
 
 
 def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep: str, project_root: Path | None):
