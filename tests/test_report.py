@@ -311,11 +311,12 @@ def test_training_rows_are_drawn_against_kimg(tmp_path: Path) -> None:
     nfe_part, training_part = text.split("## Training progress")
     assert EULER in nfe_part and "train digits" not in nfe_part
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-             for line in training_part.splitlines() if re.match(r"\| +\d", line)}
-    # Two runs share a label: each column is told apart by its run hash.
-    header = next(line for line in training_part.splitlines() if line.startswith("| kimg"))
-    assert "[aaaaaaaa]" in header and "[bbbbbbbb]" in header
-    assert table == {"50": ["9", "8"], "100": ["4.5", "—"], "200": ["2.25", "3"]}
+             for line in training_part.splitlines() if line.startswith("| train digits")}
+    # Two runs share a label: each is told apart by its run hash.
+    assert table == {"train digits/ddpmpp_small/edm [aaaaaaaa]": ["9", "4.5", "2.25"],
+                     "train digits/ddpmpp_small/edm [bbbbbbbb]": ["8", "—", "3"]}
+    header = next(line for line in training_part.splitlines() if line.startswith("| training run"))
+    assert [c.strip() for c in header.split("|")[2:-1]] == ["50", "100", "200"]
     assert (tmp_path / "fd_classifier_vs_kimg.png").is_file() and mpimg.imread(tmp_path / "fd_classifier_vs_kimg.png").size
 
 
@@ -326,3 +327,13 @@ def test_repeats_show_minimum_and_mean_and_std(tmp_path: Path) -> None:
     cells = [line for line in text.splitlines() if line.startswith(f"| {HEUN}")]
     assert cells[0].split("|")[2].strip() == "2"  # the minimum, the paper's convention
     assert cells[1].split("|")[2].strip() == "2.2 ± 0.2 (3)"
+
+
+def test_long_training_runs_show_ten_evaluations(tmp_path: Path) -> None:
+    rows = [{"config_hash": f"t{k}", "run_hash": "r" * 12, "label": "train x", "task": "train", "kimg": 2500.0 * k,
+             "nfe": 35, "num_steps": 18, "fid": 100.0 / k} for k in range(1, 81)]
+    text = write_report(pd.DataFrame(rows), tmp_path).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| training run"))
+    shown = [c.strip() for c in header.split("|")[2:-1]]
+    assert len(shown) == 10 and shown[0] == "2500" and shown[-1] == "200000"
+    assert "10 of 80 evaluations shown" in text

@@ -39,6 +39,7 @@ PLOT_SUFFIX = "_vs_nfe.png"
 KIMG_PLOT_SUFFIX = "_vs_kimg.png"
 MISSING = "—"
 _MAX_LISTED = 10  # provenance lists at most this many distinct values per field
+_MAX_KIMG_COLUMNS = 10  # training progress tables show at most this many evaluations
 
 
 def _is_numeric(series: pd.Series) -> bool:
@@ -224,8 +225,8 @@ def _training_section(frame: pd.DataFrame, metrics: Sequence[str], title: str,
                       plots: dict[str, bytes]) -> list[str]:
     """Markdown of every metric against kimg for the training runs (plots are added to `plots`)."""
     md = ["## Training progress", "",
-          "Evaluations of the EMA network during training (`task=train`): rows are kimg, "
-          "columns are training runs.", ""]
+          "Evaluations of the EMA network during training (`task=train`): rows are training runs, "
+          "columns are kimg.", ""]
     for metric in metrics:
         progress = _progress(frame, metric)
         if progress.empty:
@@ -236,10 +237,15 @@ def _training_section(frame: pd.DataFrame, metrics: Sequence[str], title: str,
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + KIMG_PLOT_SUFFIX
             plots[name] = png
             md += [f"![{metric} vs kimg]({name})", ""]
-        wide = progress.pivot(index="kimg", columns="label", values="value")
-        runs = sorted(wide.columns, key=_natural_key)
-        rows = [[f"{kimg:g}"] + [format_value(wide.at[kimg, run]) for run in runs] for kimg in wide.index]
-        md += [markdown_table(["kimg", *runs], rows), ""]
+        wide = progress.pivot(index="label", columns="kimg", values="value")
+        kimgs = list(wide.columns)
+        if len(kimgs) > _MAX_KIMG_COLUMNS:  # evenly spaced, always with the first and the last
+            picks = sorted({round(i * (len(kimgs) - 1) / (_MAX_KIMG_COLUMNS - 1)) for i in range(_MAX_KIMG_COLUMNS)})
+            kimgs = [kimgs[i] for i in picks]
+        rows = [[run] + [format_value(wide.at[run, k]) for k in kimgs] for run in sorted(wide.index, key=_natural_key)]
+        md += [markdown_table(["training run", *(f"{k:g}" for k in kimgs)], rows), ""]
+        if len(kimgs) < len(wide.columns):
+            md += [f"*{len(kimgs)} of {len(wide.columns)} evaluations shown; results.csv has all.*", ""]
     return md
 
 
