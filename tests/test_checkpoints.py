@@ -100,6 +100,13 @@ def test_tensors_must_match_the_network(tmp_path):
     path.write_bytes(save(state, metadata={"format": FORMAT, "spec": json.dumps(original.build_spec)}))
     with pytest.raises(ValueError, match="short.safetensors.*missing"):
         load_checkpoint(path)
+    state = {k: v.contiguous() for k, v in original.state_dict().items()}
+    key = "model.map_layer0.bias"
+    state[key] = torch.zeros(state[key].numel() + 1)
+    path = tmp_path / "misshaped.safetensors"
+    path.write_bytes(save(state, metadata={"format": FORMAT, "spec": json.dumps(original.build_spec)}))
+    with pytest.raises(ValueError, match=r"misshaped\.safetensors.*does not match"):
+        load_checkpoint(path)
 
 
 TINY = ["data.limit=128", "metric=raw", "nfe.steps=[2,3]", "num_samples=16", "batch_size=8",

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from edm_lab.data.datasets import ArrayDataset
 from edm_lab.design.sampler import sample
@@ -93,10 +93,31 @@ def test_experiment_presets_set_the_papers_samplers(tmp_path):
 
 
 def test_sweep_presets_compose(tmp_path, monkeypatch):
+    """Every job of every preset composes: a misspelt value would otherwise fail only when its job starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     monkeypatch.chdir(PROJECT_ROOT)  # sweeps/ is found relative to the project root
+    parser = OverridesParser.create()
     for preset in sorted((PROJECT_ROOT / "sweeps").glob("*.yaml")):
         compose_cfg(tmp_path, f"sweeps={preset.stem}")
-        assert HydraConfig.get().sweeper.params, preset.name
+        params = dict(HydraConfig.get().sweeper.params)
+        assert params, preset.name
+        for key, values in params.items():
+            for value in parser.parse_override(f"{key}={values}").sweep_string_iterator():
+                cfg = compose_cfg(tmp_path, f"sweeps={preset.stem}", f"{key}={value}")
+                if "=" not in key and "." not in key:  # a group: its option is the one chosen
+                    assert HydraConfig.get().runtime.choices[key] == value, (preset.name, key, value)
+                else:
+                    assert str(OmegaConf.select(cfg, key)) == value, (preset.name, key, value)
+
+
+def test_run_name_lists_the_overrides_that_change_the_numbers(tmp_path, monkeypatch):
+    from edm_lab.tasks.hydra_support import run_name
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    compose_cfg(tmp_path, "sweeps=solver_order", "solver=euler", "seed=3", "force=true", "repeats=2",
+                "nfe.steps=[2]", "logger=csv", f"paths.cache_dir={tmp_path}/c")  # and compose_cfg's paths.*
+    assert run_name() == "seed=3,solver=euler"
 
 
 def test_unknown_axis_value_lists_the_options(tmp_path):

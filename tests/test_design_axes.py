@@ -78,6 +78,18 @@ def test_time_steps_round_through_the_denoiser():
         assert torch.isclose(u, t.to(torch.float32).to(torch.float64)).any()
 
 
+def test_iddpm_table_is_computed_once_and_handed_out_as_copies():
+    """The sampler asks for the table on every batch: memoised, yet no caller can alter another's."""
+    first = D.iddpm_noise_levels()
+    assert first.dtype == torch.float64 and first[-1] == 0 and bool((first[1:] < first[:-1]).all())
+    expected = first.clone()
+    first.zero_()
+    torch.testing.assert_close(D.iddpm_noise_levels(), expected, rtol=0, atol=0)
+    u = IDDPMPrecond().u.clone()
+    IDDPMPrecond().u.zero_()  # e.g. load_state_dict copies into the buffer in place
+    assert torch.equal(IDDPMPrecond().u, u) and bool((u[:-1] > 0).all())
+
+
 def test_single_step_sampler_returns_the_denoised_start():
     data = torch.randn(5, 1, 2, 2, dtype=torch.float64)
     net = IdealDenoiser(data)

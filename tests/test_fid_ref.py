@@ -187,5 +187,29 @@ def test_fid_ref_rejects_a_bad_dest_before_work(tmp_path, monkeypatch):
     monkeypatch.setattr("edm_lab.tasks.fid_ref.instantiate", lambda *a, **k: pytest.fail("started work"))
     with pytest.raises(ValueError, match="task.dest"):
         run_fid_ref(compose_cfg(tmp_path, "task=fid_ref", "metric=raw", f"task.dest={tmp_path}/stats.pt"))
+    with pytest.raises(ValueError, match="metric.reference"):  # it would copy that file, not extract the data's
+        run_fid_ref(compose_cfg(tmp_path, "task=fid_ref", "metric=raw", f"metric.reference={tmp_path}/x.npz"))
     with pytest.raises(ValueError, match="not a task here.*fid_ref"):
         run_task(compose_cfg(tmp_path, "task=report", "task.name=nope"))
+
+
+def test_reference_features_are_extracted_on_the_given_device(tmp_path, monkeypatch):
+    """build_frechet moves the extractor before extracting: the sample task passes the trainer's device."""
+    events = []
+    real_to, real_set = FrechetDistance.to, FrechetDistance.set_reference
+
+    def to(self, device):
+        events.append(("to", str(device)))
+        return real_to(self, device)
+
+    def set_reference(self, samples):
+        events.append(("extract", str(self.device)))
+        real_set(self, samples)
+
+    monkeypatch.setattr(FrechetDistance, "to", to)
+    monkeypatch.setattr(FrechetDistance, "set_reference", set_reference)
+    build_frechet(compose_cfg(tmp_path, *DIGITS, "metric=raw"), digits(limit=256), "cpu")
+    assert events == [("to", "cpu"), ("extract", "cpu")]
+    events.clear()
+    run_sample(compose_cfg(tmp_path / "task", *TINY), CHOICES)
+    assert events == [("to", "cpu"), ("extract", "cpu")]  # trainer=cpu: its root device

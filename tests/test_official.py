@@ -416,7 +416,7 @@ def reference(tmp_path, monkeypatch):
 @pytest.fixture
 def standin_nets(reference, monkeypatch):
     """edm_lab.nets.build_network replaced by the tiny reference-named network."""
-    monkeypatch.setattr(edm_lab.nets, "build_network", reference.build_network, raising=False)
+    monkeypatch.setattr(edm_lab.nets, "build_network", reference.build_network)
     return reference
 
 
@@ -621,8 +621,6 @@ def _golden_tree(reference, case) -> torch.nn.Module:
 
 
 def test_golden_reference_networks_load_and_reproduce_outputs(reference, tmp_path):
-    if not hasattr(edm_lab.nets, "build_network"):
-        pytest.skip("edm_lab.nets.build_network is not available yet")
     golden = load_reference("network_cases.pt")
     for i, case in enumerate(golden["cases"]):
         tree = _golden_tree(reference, case)
@@ -790,24 +788,62 @@ def test_cached_url_is_used_without_network(standin_nets, tmp_path, monkeypatch)
     assert type(loaded["ema"]) is ours.VPPrecond
 
 
+class _Served:
+    """A fake `urlopen` for torch.hub: serves `body` for URL, optionally breaking off part-way.
+
+    The real `torch.hub.download_url_to_file` runs on top of it, so the tests see its own
+    temporary file and final move, not a stand-in's.
+    """
+
+    def __init__(self, body: bytes, final: Path, break_after: int | None = None) -> None:
+        self.body, self.final, self.break_after = body, final, break_after
+        self.requests: list[str] = []
+
+    def __call__(self, request):
+        import email.message
+
+        self.requests.append(request.full_url)
+        body, final, break_after = self.body, self.final, self.break_after
+        headers = email.message.Message()
+        headers["Content-Length"] = str(len(body))
+        position = 0
+
+        class Response:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def info(self):
+                return headers
+
+            def read(self, size):
+                nonlocal position
+                assert not final.exists(), "the cache entry appeared before the download completed"
+                if break_after is not None and position >= break_after:
+                    raise ConnectionResetError("connection reset by peer")
+                chunk = body[position:position + min(size, 64)]
+                position += len(chunk)
+                return chunk
+
+        return Response()
+
+
+def _cache_entries(final: Path) -> list[str]:
+    return sorted(p.name for p in final.parent.iterdir() if not p.name.endswith(".lock"))
+
+
 def test_download_happens_once_and_atomically(standin_nets, tmp_path, monkeypatch):
     snapshot, original = _write_snapshot(standin_nets, tmp_path, "edm", filename="served.pkl")
     final = cache_path_for_url(URL, tmp_path / "cache")
-    calls = []
-
-    def fake_download(url, dst, progress=True):
-        calls.append(url)
-        assert url == URL and progress
-        assert Path(dst) != final and Path(dst).parent == final.parent  # a temp name beside the final one
-        assert not final.exists()
-        Path(dst).write_bytes(snapshot.read_bytes())
-
-    monkeypatch.setattr(official, "download_url_to_file", fake_download)
+    served = _Served(snapshot.read_bytes(), final)
+    monkeypatch.setattr(torch.hub, "urlopen", served)
     first = load_official(URL, cache_dir=tmp_path / "cache")
     second = load_official(URL, cache_dir=tmp_path / "cache")
-    assert calls == [URL]
+    assert served.requests == [URL]
     assert final.read_bytes() == snapshot.read_bytes()
-    assert sorted(p.name for p in final.parent.iterdir() if not p.name.endswith(".lock")) == [final.name]
+    assert _cache_entries(final) == [final.name]  # no temporary file left beside it
     x, sigma, _ = _inputs(original)
     with torch.no_grad():
         torch.testing.assert_close(first["ema"](x, sigma), second["ema"](x, sigma))
@@ -816,21 +852,14 @@ def test_download_happens_once_and_atomically(standin_nets, tmp_path, monkeypatc
 def test_interrupted_download_leaves_no_cache_entry(standin_nets, tmp_path, monkeypatch):
     snapshot, _ = _write_snapshot(standin_nets, tmp_path, "edm", filename="served.pkl")
     final = cache_path_for_url(URL, tmp_path / "cache")
-
-    def broken_download(url, dst, progress=True):
-        Path(dst).write_bytes(snapshot.read_bytes()[:100])
-        raise ConnectionResetError("connection reset by peer")
-
-    monkeypatch.setattr(official, "download_url_to_file", broken_download)
-    with pytest.raises(OfficialCheckpointError, match="download failed"):
+    monkeypatch.setattr(torch.hub, "urlopen", _Served(snapshot.read_bytes(), final, break_after=100))
+    with pytest.raises(OfficialCheckpointError, match="download failed.*connection reset"):
         load_official(URL, cache_dir=tmp_path / "cache")
-    assert not final.exists()
-    assert [p.name for p in final.parent.iterdir() if not p.name.endswith(".lock")] == []
+    assert _cache_entries(final) == []
 
-    monkeypatch.setattr(official, "download_url_to_file",
-                        lambda url, dst, progress=True: Path(dst).write_bytes(snapshot.read_bytes()))
+    monkeypatch.setattr(torch.hub, "urlopen", _Served(snapshot.read_bytes(), final))
     assert type(load_official(URL, cache_dir=tmp_path / "cache")["ema"]) is ours.EDMPrecond
-    assert final.exists()
+    assert _cache_entries(final) == [final.name]
 
 
 def test_official_snapshot_samples_through_the_sample_task(reference, tmp_path):

@@ -11,12 +11,13 @@ import torch
 
 from edm_lab.checkpoints.snapshot import load_checkpoint
 from edm_lab.data import digits
+from edm_lab.data.datamodule import InfiniteSampler, TrainingView
 from edm_lab.design.losses import DenoisingLoss, EDMNoise, EDMWeighting
 from edm_lab.design.precond import EDMPrecond
 from edm_lab.nets.denoisers import network_denoiser
+from edm_lab.tasks.sample import run_sample
 from edm_lab.tasks.train import run_train
 from edm_lab.track.store import ResultsStore
-from edm_lab.data.datamodule import InfiniteSampler, TrainingView
 from edm_lab.train.module import DiffusionModule
 from tests.conftest import net_preset
 from tests.test_configs import compose_cfg
@@ -46,21 +47,34 @@ def test_training_task_checkpoints_evaluates_and_saves_the_ema(tmp_path):
     assert snapshots == ["snapshot-0000002.ckpt", "snapshot-0000004.ckpt"]
     ema = load_checkpoint(result["network"])
     assert ema.build_spec["network"]["model_type"] == "SongUNet" and ema.checkpoint_extra["kimg"] == pytest.approx(0.128)
-    rows = ResultsStore(tmp_path / "results").rows()
-    assert sorted(r["kimg"] for r in rows) == [0.032, 0.064, 0.128]
+    rows = sorted(ResultsStore(tmp_path / "results").rows(), key=lambda r: r["kimg"])
+    assert [r["kimg"] for r in rows] == [0.032, 0.064, 0.128]
     assert all(r["task"] == "train" and r["nfe"] == 7 and r["fd_raw"] > 0 for r in rows)
+    assert len({r["run_hash"] for r in rows}) == 1 and len({r["config_hash"] for r in rows}) == 3
     assert len(logged_losses(run_dir)) == 4
+    # The last evaluation is the sample task's measurement of the saved EMA network: same seeds, same number.
+    cfg = compose_cfg(tmp_path, *[o for o in TINY if not o.startswith("task")], "model=checkpoint",
+                      f"model.path={result['network']}", "nfe.steps=[4]", "metric.sampler_error=false",
+                      f"paths.results_dir={tmp_path}/sampled")
+    (sampled,) = run_sample(cfg, {"data": "digits", "model": "checkpoint"})
+    assert sampled["nfe"] == rows[-1]["nfe"] and sampled["fd_raw"] == rows[-1]["fd_raw"]
 
 
 def test_resume_continues_exactly(tmp_path):
     full, full_dir = train(tmp_path, "full", "task.duration_kimg=0.128", "task.snapshot_kimg=0.064",
-                           "task.eval_kimg=0")
+                           "task.eval_kimg=0.064", f"paths.results_dir={tmp_path}/full-results")
     half = full_dir / "checkpoints" / "snapshot-0000002.ckpt"
     resumed, resumed_dir = train(tmp_path, "resumed", "task.duration_kimg=0.128", "task.snapshot_kimg=0.064",
-                                 "task.eval_kimg=0", f"task.resume={half}")
+                                 "task.eval_kimg=0.064", f"task.resume={half}", f"paths.results_dir={tmp_path}/resumed-results")
     assert logged_losses(resumed_dir) == logged_losses(full_dir)[2:]
     a, b = load_checkpoint(full["network"]).state_dict(), load_checkpoint(resumed["network"]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The resumed run evaluates only the marks after the checkpoint, as the same run (the report's one curve).
+    full_rows = {r["kimg"]: r for r in ResultsStore(tmp_path / "full-results").rows()}
+    (last,) = ResultsStore(tmp_path / "resumed-results").rows()
+    assert sorted(full_rows) == [0.032, 0.064, 0.128] and last["kimg"] == 0.128
+    assert {k: last[k] for k in ("run_hash", "config_hash", "fd_raw")} == \
+        {k: full_rows[0.128][k] for k in ("run_hash", "config_hash", "fd_raw")}
 
 
 class ContentNoise(DenoisingLoss):

@@ -95,19 +95,40 @@ def test_imagenet64_recipe(tmp_path):
         (2_500_000, 4096, 1e-4, 50_000, 100, 200)
 
 
-@pytest.mark.parametrize("preset", ["cifar10_a_ve", "cifar10_f_vp"])
-def test_paper_presets_train_end_to_end_on_digits(tmp_path, preset):
-    """The presets' recipe (clipping, x-flips, VE loss / augmentation pipe) runs, on digits with a small net."""
+@pytest.mark.parametrize("preset,recipe", [
+    ("cifar10_a_ve", {"noise": "VENoise", "weighting": "InverseSquareWeighting", "clip": 1.0, "items": 128,
+                      "lr": 2e-4, "halflife": 88.678, "augment_p": None}),
+    ("cifar10_f_vp", {"noise": "EDMNoise", "weighting": "EDMWeighting", "clip": None, "items": 64, "lr": 1e-3,
+                      "halflife": 500, "augment_p": 0.12})])
+def test_paper_presets_train_end_to_end_on_digits(tmp_path, monkeypatch, preset, recipe):
+    """The presets' recipe (clipping, x-flips, VE loss / augmentation pipe) reaches the training, on digits with a small net."""
+    import lightning as L
+
     from edm_lab.checkpoints.snapshot import load_checkpoint
     from edm_lab.tasks.train import run_train
 
+    seen = {}
+    fit = L.Trainer.fit
+
+    def spy(trainer, module, datamodule=None, ckpt_path=None):
+        seen.update(clip=trainer.gradient_clip_val, items=len(datamodule.train_set), lr=module.lr,
+                    halflife=module.ema_halflife_kimg, noise=type(module.loss.noise).__name__,
+                    weighting=type(module.loss.weighting).__name__,
+                    augment_p=module.augment_pipe.p if module.augment_pipe is not None else None,
+                    start={k: v.clone() for k, v in module.net.state_dict().items()})
+        return fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    monkeypatch.setattr(L.Trainer, "fit", spy)
     cfg = compose_cfg(tmp_path, f"experiment={preset}", "data=digits", "data.resolution=8", "data.limit=64",
                       "net=ddpmpp_small", "metric=raw", "logger=csv", "task.batch_size=16", "task.duration_kimg=0.032",
                       "task.snapshot_kimg=0.032", "task.eval_kimg=0", "task.num_workers=0",
                       "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path}/run")
     result = run_train(cfg, {"data": "digits", "net": "ddpmpp_small"})
+    start = seen.pop("start")
+    assert seen == recipe  # x-flips double config A's 64 images
     assert result["kimg"] == pytest.approx(0.032)
     ema = load_checkpoint(result["network"])
-    assert all(v.isfinite().all() for v in ema.state_dict().values())
-    expected_augment_dim = 9 if preset.startswith("cifar10_f") else 0
-    assert ema.build_spec["network"]["kwargs"]["augment_dim"] == expected_augment_dim
+    assert ema.build_spec["network"]["kwargs"]["augment_dim"] == (9 if recipe["augment_p"] else 0)
+    end = ema.state_dict()
+    assert all(v.isfinite().all() for v in end.values())
+    assert max((end[k] - start[k]).abs().max().item() for k in start) > 0  # two steps moved the EMA

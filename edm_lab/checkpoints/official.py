@@ -35,7 +35,6 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import urllib.parse
 import warnings
 from collections.abc import Callable
@@ -45,6 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.hub import download_url_to_file
+
+from edm_lab.checkpoints.snapshot import as_sampling_model
+from edm_lab.nets.denoisers import build_denoiser
 
 __all__ = [
     "OfficialCheckpointError", "UnsafePickleError", "CheckpointFormatError",
@@ -441,8 +443,6 @@ _OUR_PRECONDS = {"EDMPrecond": "EDMPrecond", "VPPrecond": "VPPrecond", "VEPrecon
 
 def _build_precond(record: _PersistentRecord, source: str) -> nn.Module:
     """This project's preconditioner + network for a reference preconditioner record."""
-    from edm_lab.nets.denoisers import build_denoiser
-
     signature = _PRECOND_SIGNATURES[record.class_name]
     kwargs = _init_kwargs(record, _PRECOND_COMMON + tuple(name for name, _ in signature), source)
     for required in ("img_resolution", "img_channels"):
@@ -531,7 +531,11 @@ def cache_path_for_url(url: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def _fetch(url: str, cache_dir: str | Path | None) -> Path:
-    """The cached copy of `url`, downloading it once (temp file + os.replace, under a file lock)."""
+    """The cached copy of `url`, downloading it once (under a file lock).
+
+    torch.hub downloads into a temporary file beside the cache entry and moves it there only once
+    complete, so a failed or interrupted download leaves no entry behind.
+    """
     from filelock import FileLock
 
     path = cache_path_for_url(url, cache_dir)
@@ -539,19 +543,11 @@ def _fetch(url: str, cache_dir: str | Path | None) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        if path.is_file():  # another process finished it while we waited
-            return path
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
-        try:
+        if not path.is_file():  # else another process finished it while we waited
             try:
-                download_url_to_file(url, tmp, progress=True)
+                download_url_to_file(url, str(path), progress=True)
             except Exception as e:  # network errors come in many types
                 raise OfficialCheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from e
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return path
 
 
@@ -593,14 +589,5 @@ def official_denoiser(dataset, precond, path: str, cache_dir: str | Path | None 
 
     `precision` (fp32 | fp16 | bf16) overrides the snapshot's use_fp16 on CUDA.
     """
-    from edm_lab.checkpoints.snapshot import check_sample_shape, file_sha256, set_precision
-    from edm_lab.nets import count_parameters
-    from edm_lab.nets.denoisers import precond_choice
-
     loaded = load_official(path, cache_dir)
-    denoiser = set_precision(loaded["ema"], precision)
-    check_sample_shape(denoiser, dataset, f"snapshot {path}")
-    denoiser.provenance = {"network": type(denoiser.model).__name__, "checkpoint": str(path),
-                           "checkpoint_sha256": file_sha256(loaded["path"]), "parameters": count_parameters(denoiser),
-                           "precond": precond_choice(denoiser)}
-    return denoiser
+    return as_sampling_model(loaded["ema"], dataset, f"snapshot {path}", path, loaded["path"], precision)

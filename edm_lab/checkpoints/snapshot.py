@@ -57,8 +57,10 @@ def load_checkpoint(path: str | Path) -> nn.Module:
         denoiser = build_denoiser(spec)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint {path}: cannot rebuild its network ({exc})") from exc
-    state = load_file(str(path))
-    result = denoiser.load_state_dict(state, strict=False)
+    try:
+        result = denoiser.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as exc:  # strict=False still refuses tensors shaped unlike the network's
+        raise ValueError(f"checkpoint {path} does not match its network: {exc}") from exc
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match its network: missing {missing[:5]}, "
@@ -81,10 +83,20 @@ def checkpoint_denoiser(dataset, precond, path: str, precision: str | None = Non
 
     `precision` (fp32 | fp16 | bf16) overrides the compute dtype stored with the network.
     """
-    denoiser = set_precision(load_checkpoint(path), precision)
-    check_sample_shape(denoiser, dataset, f"checkpoint {path}")
+    return as_sampling_model(load_checkpoint(path), dataset, f"checkpoint {path}", path, path, precision)
+
+
+def as_sampling_model(denoiser: nn.Module, dataset, what: str, path: str, file: str | Path,
+                      precision: str | None) -> nn.Module:
+    """A loaded network (`checkpoint_denoiser`, `official_denoiser`) made ready to sample `dataset`.
+
+    Applies the `precision` override, checks its sample shape against the data and records the
+    provenance of the result rows; `file` is the file actually read (for a URL, the cached copy).
+    """
+    set_precision(denoiser, precision)
+    check_sample_shape(denoiser, dataset, what)
     denoiser.provenance = {"network": denoiser.build_spec["network"]["model_type"], "checkpoint": str(path),
-                           "checkpoint_sha256": file_sha256(path), "parameters": count_parameters(denoiser),
+                           "checkpoint_sha256": file_sha256(file), "parameters": count_parameters(denoiser),
                            "precond": precond_choice(denoiser)}
     return denoiser
 

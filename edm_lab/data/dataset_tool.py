@@ -41,7 +41,13 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from edm_lab.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_file, fsync_dir
+from edm_lab.atomic import (
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    atomic_file,
+    current_umask,
+    fsync_dir,
+)
 from edm_lab.data.image_folder import (
     LABELS_FILE,
     decode_image,
@@ -342,7 +348,7 @@ def _staged_folder(dest: Path):
         written.append(path)
 
     try:
-        os.chmod(tmp, 0o777 & ~_current_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield write
         _flush(tmp, written)
         try:
@@ -367,12 +373,6 @@ def _flush(folder: Path, files: list[Path]) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _png_bytes(img: np.ndarray) -> bytes:

@@ -5,6 +5,7 @@ clamps them to what the denoiser supports, as the reference sampler does.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -84,7 +85,14 @@ class VEDiscretization(Discretization):
 
 def iddpm_noise_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008,
                        dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
-    """The iDDPM table u_0 > ... > u_M = 0 of noise levels of the cosine schedule."""
+    """The iDDPM table u_0 > ... > u_M = 0 of noise levels of the cosine schedule (a fresh tensor)."""
+    return _iddpm_table(M, C_1, C_2, dtype, torch.device(device)).clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _iddpm_table(M: int, C_1: float, C_2: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Memoised: the sequential recursion costs ~0.2 s and the sampler asks for the table on every
+    # batch (inside its timed region). Never handed out itself: callers get a clone.
     u = torch.zeros(M + 1, dtype=dtype, device=device)
     for j in range(M, 0, -1):  # u_{j-1} from u_j, as the recursion runs downward
         u[j - 1] = ((u[j] ** 2 + 1) / (iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)).clip(min=C_1) - 1).sqrt()

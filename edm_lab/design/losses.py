@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from edm_lab.design.precond import IDDPMPrecond
+from edm_lab.design.discretizations import iddpm_noise_levels
 from edm_lab.design.schedules import VP_BETA_D, VP_BETA_MIN
 
 
@@ -44,7 +44,8 @@ class IDDPMNoise:
     """sigma = u_j with j ~ U{0, ..., M-1}: the iDDPM table's noise levels (u_M = 0 excluded)."""
 
     def __init__(self, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> None:
-        self.u = IDDPMPrecond(C_1=C_1, C_2=C_2, M=M).u[:M]  # the very table an iDDPM network rounds to
+        # float32: the very table an iDDPM network (IDDPMPrecond.u) rounds to
+        self.u = iddpm_noise_levels(M, C_1, C_2, dtype=torch.float32)[:M]
 
     def __call__(self, n, device="cpu", generator=None):
         j = torch.randint(len(self.u), (n,), device=device, generator=generator)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edm_lab.design.discretizations import iddpm_alpha_bar
+from edm_lab.design.discretizations import iddpm_noise_levels
 from edm_lab.design.schedules import VP_BETA_D, VP_BETA_MIN
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -143,10 +143,7 @@ class IDDPMPrecond(Precond):
                  img_channels: int | None = None, precision: str = "fp32", label_dim: int | None = None) -> None:
         super().__init__(model, img_channels, precision, label_dim)
         self.C_1, self.C_2, self.M = C_1, C_2, M
-        # float32 table, as the reference stores it in its checkpoints
-        u = torch.zeros(M + 1)
-        for j in range(M, 0, -1):
-            u[j - 1] = ((u[j] ** 2 + 1) / (iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)).clip(min=C_1) - 1).sqrt()
+        u = iddpm_noise_levels(M, C_1, C_2, dtype=torch.float32)  # float32, as the reference stores it
         self.register_buffer("u", u)
         self.sigma_min = float(u[M - 1])
         self.sigma_max = float(u[0])

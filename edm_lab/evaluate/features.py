@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from edm_lab.atomic import atomic_torch_save
 from edm_lab.data.datasets import ArrayDataset
+from edm_lab.track.images import to_uint8
 
 __all__ = [
     "INCEPTION_EXTRACTOR_NAME",
@@ -346,7 +347,9 @@ def to_inception_input(x: Tensor) -> Tensor:
     """Quantise images in [-1, 1] to uint8 [0, 255] and repeat grayscale to 3 channels (EDM's protocol)."""
     if x.ndim != 4:
         raise ValueError(f"Inception features need images shaped (N, C, H, W), got {tuple(x.shape)}")
-    images = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    # The PNG export's quantisation: the reference measures FID on the PNGs its generate.py wrote, so
+    # in-memory features and features of the exported images must see the same pixels.
+    images = to_uint8(x)
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     elif images.shape[1] != 3:

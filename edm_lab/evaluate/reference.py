@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,12 +36,15 @@ __all__ = [
     "cached_data_statistics",
     "check_compatible",
     "extractor_name",
+    "feature_options",
     "load_npz",
     "moments_from_statistics",
     "reference_cache_key",
     "save_npz",
     "statistics_from_moments",
 ]
+
+log = logging.getLogger(__name__)
 
 # The reference's .npz files carry no image count; any n >= 2 reproduces (mu, sigma), and 50k is the
 # size of the reference's FID sets.
@@ -160,10 +164,15 @@ def extractor_name(extractor: Any) -> str:
     return str(getattr(extractor, "name", None) or type(extractor).__name__)
 
 
+def feature_options(extractor_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The extractor options that fix its features: the key of cached statistics and part of a row's config hash."""
+    return {k: v for k, v in extractor_options.items() if k not in _NOT_IN_KEY}
+
+
 def reference_cache_key(fingerprint: str, extractor_options: Mapping[str, Any]) -> str:
     """Cache key of a data set's reference statistics: its content fingerprint and the extractor's options."""
-    options = {k: v for k, v in extractor_options.items() if k not in _NOT_IN_KEY}
-    blob = json.dumps({"fingerprint": fingerprint, "extractor": options}, sort_keys=True, default=str)
+    blob = json.dumps({"fingerprint": fingerprint, "extractor": feature_options(extractor_options)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -172,8 +181,10 @@ def cached_data_statistics(frechet, samples: Tensor, fingerprint: str, extractor
     """The reference statistics of ``samples`` under ``frechet``'s extractor, computed once per
     (fingerprint, extractor options) in ``cache_dir/reference_stats/<key>.pt`` (parallel jobs included)."""
     def compute() -> dict[str, Tensor]:
+        log.info("reference statistics: extracting %s features of %d samples (cached as %s)",
+                 extractor_name(frechet.extractor), len(samples), path.name)
         frechet.set_reference(samples)
         return frechet.reference_statistics()
 
-    key = reference_cache_key(fingerprint, extractor_options)
-    return cached(Path(cache_dir) / "reference_stats" / f"{key}.pt", compute)
+    path = Path(cache_dir) / "reference_stats" / f"{reference_cache_key(fingerprint, extractor_options)}.pt"
+    return cached(path, compute)

@@ -131,9 +131,8 @@ class SamplingModule(L.LightningModule):
 
 @dataclass
 class Generated:
-    """What `generate` gathered from every rank, in seed order (index i: seed first_seed + i)."""
+    """What `generate` gathered from every rank, in seed order (index i: the module's first_seed + i)."""
 
-    first_seed: int
     nfe: int
     features: Tensor | None       # (N, num_features) float64, when the module had an extractor
     squared_error: Tensor | None  # (N,) float64 sums over each sample's elements, when it had a reference
@@ -153,15 +152,13 @@ def sample_seeds(net: nn.Module, sample_shape: tuple[int, ...], sampler: Sampler
     return sampler(net, latents, class_labels=class_labels, randn_like=noise.randn_like)
 
 
-def generate(trainer: L.Trainer, module: SamplingModule, first_seed: int, num_samples: int,
-             batch_size: int) -> Generated:
-    """Run `module` over `num_samples` consecutive seeds on every rank; every rank gets all ranks' results.
+def generate(trainer: L.Trainer, module: SamplingModule, num_samples: int, batch_size: int) -> Generated:
+    """Run `module` over `num_samples` consecutive seeds from its first_seed on every rank; every rank gets
+    all ranks' results.
 
     Every rank must call it (it is collective under DDP); it checks that each seed was sampled exactly once.
     """
-    if module.first_seed != first_seed:
-        raise ValueError(f"module samples from seed {module.first_seed}, asked for {first_seed}")
-    dataset = SeedDataset(first_seed, num_samples)
+    dataset = SeedDataset(module.first_seed, num_samples)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         sampler=SeedShards(dataset, batch_size, trainer.world_size, trainer.global_rank))
     module.reset()
@@ -184,7 +181,7 @@ def generate(trainer: L.Trainer, module: SamplingModule, first_seed: int, num_sa
     nfe = {n for rank_nfe, _ in per_rank for n in rank_nfe}
     if len(nfe) != 1:
         raise RuntimeError(f"batches disagree on NFE: {sorted(nfe)}")
-    return Generated(first_seed, nfe.pop(), main.get("features"), main.get("squared_error"), kept["samples"],
+    return Generated(nfe.pop(), main.get("features"), main.get("squared_error"), kept["samples"],
                      max(seconds for _, seconds in per_rank))
 
 

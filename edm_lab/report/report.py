@@ -96,8 +96,8 @@ def _natural_key(label: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label)]
 
 
-def _plot_name(metric: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + PLOT_SUFFIX
+def _plot_name(metric: str, suffix: str = PLOT_SUFFIX) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + suffix
 
 
 def _labels(frame: pd.DataFrame) -> pd.Series:
@@ -234,7 +234,7 @@ def _training_section(frame: pd.DataFrame, metrics: Sequence[str], title: str,
         md += [f"### {metric} vs kimg", ""]
         png = _render_plot(progress, metric, title, x="kimg")
         if png is not None:
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + KIMG_PLOT_SUFFIX
+            name = _plot_name(metric, KIMG_PLOT_SUFFIX)
             plots[name] = png
             md += [f"![{metric} vs kimg]({name})", ""]
         wide = progress.pivot(index="label", columns="kimg", values="value")

@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from edm_lab.evaluate import reference as ref
-from edm_lab.evaluate.features import FrechetDistance
+from edm_lab.tasks.sample import build_frechet
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,14 @@ def run_fid_ref(cfg: DictConfig) -> Path:
         raise ValueError(f"task.dest={dest} must name a .npz file")
     if dest.is_dir():
         raise ValueError(f"task.dest={dest} is a folder; name the .npz file to write")
-    cache_dir = Path(cfg.paths.cache_dir)
+    if cfg.metric.get("reference"):
+        raise ValueError(f"task=fid_ref extracts the data set's own statistics; unset "
+                         f"metric.reference={cfg.metric.reference}")
     dataset = instantiate(cfg.data)
-    frechet = FrechetDistance(instantiate(cfg.metric.extractor)(dataset, cache_dir), batch_size=cfg.metric.batch_size)
-    # The same cache as the sample and train tasks: statistics written here are the ones they measure against.
-    stats = ref.cached_data_statistics(frechet, dataset.samples, dataset.fingerprint,
-                                       OmegaConf.to_container(cfg.metric.extractor, resolve=True), cache_dir)
+    # The sample and train tasks' own path and cache: the statistics written here are the ones they
+    # measure against. Extracted on the configured trainer's device.
+    frechet = build_frechet(cfg, dataset, instantiate(cfg.trainer).strategy.root_device)
+    stats = frechet.reference_statistics()
     name = ref.extractor_name(frechet.extractor)
     ref.save_npz(dest, stats, extractor=name)
     count = int(stats["real_features_num_samples"])

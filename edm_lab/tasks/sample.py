@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from edm_lab.atomic import atomic_torch_save, atomic_write_text, cached
 from edm_lab.checkpoints.snapshot import file_sha256
 from edm_lab.design.sampler import sample
+from edm_lab.evaluate import reference as ref
 from edm_lab.evaluate.features import FrechetDistance
 from edm_lab.evaluate.sampling import (
     SamplingModule,
@@ -128,8 +129,9 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
         raise ConfigError(f"export_images writes PNG files, but data {dataset.name!r} has samples shaped "
                           f"{tuple(dataset.sample_shape)}; set export_images=null")
     net = instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
-    frechet = build_frechet(cfg, dataset)  # FID weights are checked here, before any sampling
-    reference_statistics = frechet.reference_statistics()
+    # FID weights are checked here, before any sampling; the data set's features are extracted on the
+    # trainer's device (the Inception features of 50k images take hours on a CPU).
+    frechet = build_frechet(cfg, dataset, trainer.strategy.root_device)
 
     store = ResultsStore(cfg.paths.results_dir)
     identity = describe(cfg, choices, overrides, axes, sweep, project_root or Path.cwd(),
@@ -158,7 +160,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
                     log.info("steps=%d repeat=%d: stored row reused (force=true recomputes)", num_steps, repeat)
                 else:
                     samples, row = evaluate_point(cfg, trainer, net, dataset, axes, num_steps, repeat, frechet,
-                                                  reference_statistics, references, export)
+                                                  references, export)
                     row = {**identity, **row}
                     if main:
                         store.write(row)  # only complete rows are ever written
@@ -192,16 +194,18 @@ def _export_root(cfg: DictConfig, identity: Mapping[str, Any], main: bool) -> Pa
     return root
 
 
-def build_frechet(cfg: DictConfig, dataset) -> FrechetDistance:
+def build_frechet(cfg: DictConfig, dataset, device: torch.device | str | None = None) -> FrechetDistance:
     """The configured Frechet distance against `dataset`'s reference statistics: read from the
     `metric.reference` .npz when set, else extracted once per (data set content, extractor config)
-    and cached, so a sweep extracts the data set's features once. Bad input fails before sampling."""
-    from edm_lab.evaluate import reference as ref
+    and cached, so a sweep extracts the data set's features once. Bad input fails before sampling.
 
+    The extractor is moved to `device` (default: where its factory left it, the CPU) before extracting."""
     path = cfg.metric.get("reference")
     loaded = ref.load_npz(path, key="metric.reference") if path else None  # before building the extractor
     cache_dir = Path(cfg.paths.cache_dir)
     frechet = FrechetDistance(instantiate(cfg.metric.extractor)(dataset, cache_dir), batch_size=cfg.metric.batch_size)
+    if device is not None:
+        frechet.to(device)
     if loaded is not None:
         ref.check_compatible(loaded, ref.extractor_name(frechet.extractor), frechet.extractor.num_features,
                              key="metric.reference")
@@ -219,7 +223,7 @@ def _metric_identity(metric: dict[str, Any]) -> dict[str, Any]:
     the option existed keep their hash)."""
     metric = {k: v for k, v in metric.items() if k != "batch_size"}
     if isinstance(metric.get("extractor"), dict):
-        metric["extractor"] = {k: v for k, v in metric["extractor"].items() if k != "download"}
+        metric["extractor"] = ref.feature_options(metric["extractor"])  # what keys the cached statistics too
     reference = metric.pop("reference", None)
     if reference is not None:
         metric["reference_sha256"] = file_sha256(Path(str(reference)).expanduser())
@@ -249,8 +253,7 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
 
 
 def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, Any], num_steps: int, repeat: int,
-                   frechet: FrechetDistance, reference_statistics: Mapping[str, torch.Tensor],
-                   references: dict[tuple[float, int], torch.Tensor],
+                   frechet: FrechetDistance, references: dict[tuple[float, int], torch.Tensor],
                    export: Path | None = None) -> tuple[torch.Tensor, dict]:
     """Sample repeat `repeat` at `num_steps` and measure: (the tracker's samples, the row's measured columns).
 
@@ -272,8 +275,8 @@ def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, An
                             first_seed, extractor=frechet.extractor, feature_batch_size=frechet.batch_size,
                             feature_dtype=frechet.input_dtype, reference=reference,
                             keep_samples=grid_items(dataset.sample_shape), on_batch=on_batch)
-    out = generate(trainer, module, first_seed, cfg.num_samples, cfg.batch_size)
-    value = frechet_from_features(reference_statistics, out.features, frechet.batch_size)
+    out = generate(trainer, module, cfg.num_samples, cfg.batch_size)
+    value = frechet_from_features(frechet.reference_statistics(), out.features, frechet.batch_size)
     error = None
     if out.squared_error is not None:
         error = rms_from_squared_errors(out.squared_error, math.prod(dataset.sample_shape))
@@ -308,7 +311,7 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
                  sigma_start, first_seed)
         module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps),
                                 first_seed)
-        return generate(trainer, module, first_seed, cfg.num_samples, cfg.batch_size).samples
+        return generate(trainer, module, cfg.num_samples, cfg.batch_size).samples
 
     return shared_cache(trainer, Path(cfg.paths.cache_dir) / "references" / f"{key}.pt", compute)
 

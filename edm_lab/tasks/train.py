@@ -25,7 +25,7 @@ from edm_lab.checkpoints.snapshot import save_checkpoint
 from edm_lab.data.datamodule import ImageDataModule
 from edm_lab.design.losses import DenoisingLoss
 from edm_lab.design.sampler import sample
-from edm_lab.evaluate.sampling import sample_seeds
+from edm_lab.evaluate.sampling import SamplingModule, frechet_from_features
 from edm_lab.nets.denoisers import network_denoiser
 from edm_lab.tasks.sample import AXES, ConfigError, build_frechet, git_commit
 from edm_lab.track.store import ResultsStore, config_hash
@@ -48,10 +48,7 @@ def batch_split(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 def validate(cfg: DictConfig) -> None:
     """Plain numbers of the training config, checked before any work."""
     t = cfg.task
-    for key in ("batch_size", "duration_kimg", "snapshot_kimg", "log_kimg"):
-        if not t[key] > 0:
-            raise ConfigError(f"task.{key} must be > 0, got {t[key]}")
-    for key in ("lr", "ema_halflife_kimg", "loss_scaling"):
+    for key in ("batch_size", "duration_kimg", "snapshot_kimg", "log_kimg", "lr", "ema_halflife_kimg", "loss_scaling"):
         if not t[key] > 0:
             raise ConfigError(f"task.{key} must be > 0, got {t[key]}")
     for key in ("lr_rampup_kimg", "eval_kimg"):
@@ -69,6 +66,11 @@ class EvaluateEMA(L.Callback):
     def __init__(self, every_kimg: float, evaluate) -> None:
         self.every_nimg, self.evaluate = every_kimg * 1000, evaluate
         self.done, self.last_nimg = -1, None
+
+    def on_train_start(self, trainer: L.Trainer, module: DiffusionModule) -> None:
+        # A resumed run has evaluated its intervals up to the checkpoint: the next point is the next mark.
+        if module.cur_nimg and self.every_nimg:
+            self.done = int(module.cur_nimg // self.every_nimg)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: DiffusionModule, *args: Any) -> None:
         mark = int(module.cur_nimg // self.every_nimg) if self.every_nimg else -1
@@ -111,15 +113,16 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="snapshot-{step:07d}", save_top_k=-1,
                                   auto_insert_metric_name=False,  # no '=' in file names: they go into overrides
                                   save_last=True, every_n_train_steps=max(1, round(t.snapshot_kimg * 1000 / t.batch_size)))
-    callbacks: list[L.Callback] = [checkpoints]
-    if t.eval_kimg:
-        callbacks.append(EvaluateEMA(t.eval_kimg, _evaluator(cfg, choices, dataset, axes, sweep, project_root)))
-    trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=callbacks, enable_checkpointing=True,
+    trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=[checkpoints], enable_checkpointing=True,
                           log_every_n_steps=max(1, round(t.log_kimg * 1000 / t.batch_size)),
                           logger=_kimg_axis(instantiate(cfg.logger), str(cfg.metric.name)) if cfg.get("logger") else False,
                           use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
                           gradient_clip_val=t.grad_clip, gradient_clip_algorithm="norm")
     batch_gpu, trainer.accumulate_grad_batches = batch_split(cfg, trainer.world_size)
+    if t.eval_kimg:
+        # Built once the trainer knows its device: the data set's reference features are extracted there.
+        evaluate = _evaluator(cfg, choices, dataset, axes, sweep, project_root, trainer.strategy.root_device)
+        trainer.callbacks.insert(0, EvaluateEMA(t.eval_kimg, evaluate))
 
     data = ImageDataModule(dataset, batch_gpu, num_workers=t.num_workers, xflip=t.xflip, seed=cfg.seed,
                            use_labels=t.class_conditional, start=lambda: module.cur_nimg)
@@ -158,40 +161,62 @@ def _finish_wandb(trainer: L.Trainer) -> None:
                 logger.experiment.finish()
 
 
-def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep: str, project_root: Path | None):
+# Task keys that change neither the network at a given kimg nor its evaluation: a resumed or
+# extended run keeps its run hash, so the report draws it as one curve.
+UNHASHED_TASK_KEYS = ("resume", "duration_kimg", "snapshot_kimg", "log_kimg", "eval_kimg", "num_workers")
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What fixes a training run's networks: the design choices, the recipe, the seed and the precision."""
+    identity = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
+                ("data", "net", "precond", "noise", "weighting", "augment", "task", "metric") if cfg.get(k) is not None}
+    identity["task"] = {k: v for k, v in identity["task"].items() if k not in UNHASHED_TASK_KEYS}
+    identity["seed"] = cfg.seed
+    identity["precision"] = str(cfg.trainer.get("precision", "32-true"))  # Lightning's default
+    return identity
+
+
+def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep: str, project_root: Path | None,
+               device: torch.device | str | None = None):
     """evaluate(ema, nimg) -> metrics: sample with the sampling axes, Frechet distance, a store row."""
     t = cfg.task
-    frechet = build_frechet(cfg, dataset)
+    frechet = build_frechet(cfg, dataset, device)
+    reference_statistics = frechet.reference_statistics()
     store = ResultsStore(cfg.paths.results_dir)
     sampler = functools.partial(sample, num_steps=t.eval_steps, **axes)
-    run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
-                  ("data", "net", "precond", "noise", "weighting", "augment", "task", "metric") if cfg.get(k) is not None}
-    run_config["seed"] = cfg.seed
-    run_hash = config_hash(run_config)  # one training run: the report draws its metric against kimg
+    run = run_identity(cfg)
+    run_hash = config_hash(run)  # one training run: the report draws its metric against kimg
+    # A row is one evaluation: of this run's network at kimg, with this sampler and sample count.
+    evaluation = {**run, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in AXES},
+                  "num_samples": cfg.num_samples}
     # A paper preset names the run (configs A-C differ only in hyperparameters the axes do not show).
     label = " ".join(filter(None, [choices.get("experiment"), "train",
-                                   f"{choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
-                                   f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
-                                   f"augment={choices.get('augment')}"]))
+                                   (f"{choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
+                                    f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
+                                    f"augment={choices.get('augment')}")]))
+    commit = git_commit(project_root or Path.cwd())
+    first, end = int(cfg.seed), int(cfg.seed) + int(cfg.num_samples)
 
     def evaluate(ema: torch.nn.Module, nimg: int) -> dict[str, float]:
-        device = next(ema.parameters()).device
-        samples, nfe = [], 0
-        for first in range(0, cfg.num_samples, cfg.batch_size):
-            seeds = list(range(cfg.seed + first, cfg.seed + min(first + cfg.batch_size, cfg.num_samples)))
-            with torch.no_grad():
-                result = sample_seeds(ema, dataset.sample_shape, sampler, seeds, device)
-            samples.append(result.x.cpu())
-            nfe = result.nfe
-        value = frechet(torch.cat(samples).float())
-        row = {"config_hash": config_hash({**run_config, "kimg": nimg / 1000}), "run_hash": run_hash,
-               "num_steps": t.eval_steps,
-               "nfe": nfe, cfg.metric.name: value, "kimg": nimg / 1000, "task": "train", "sweep": sweep,
-               "label": label,
+        # generate() would be collective (trainer.predict) and this runs inside fit on rank 0 alone, so
+        # the batches go through SamplingModule's step directly: the same seeds, batches and features
+        # (on the EMA's device) as `task=sample` of the saved network, hence the same number.
+        module = SamplingModule(ema, dataset.sample_shape, sampler, first, extractor=frechet.extractor,
+                                feature_batch_size=frechet.batch_size, feature_dtype=frechet.input_dtype,
+                                keep_samples=0).to(next(ema.parameters()).device)
+        with torch.no_grad():
+            for start in range(first, end, cfg.batch_size):
+                module.predict_step(torch.arange(start, min(start + cfg.batch_size, end)), 0)
+        value = frechet_from_features(reference_statistics, torch.cat([p["features"] for p in module.parts]),
+                                      frechet.batch_size)
+        nfe, kimg = max(module.nfe), nimg / 1000
+        row = {"config_hash": config_hash({**evaluation, "kimg": kimg}), "run_hash": run_hash,
+               "num_steps": t.eval_steps, "nfe": nfe, cfg.metric.name: value, "kimg": kimg, "task": "train",
+               "sweep": sweep, "label": label,
                **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment", *AXES)},
-               "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": git_commit(project_root or Path.cwd())}
+               "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": commit}
         store.write(row)
-        log.info("kimg %g: %s=%.4g (NFE %d)", nimg / 1000, cfg.metric.name, value, nfe)
-        return {cfg.metric.name: value, "kimg": nimg / 1000}
+        log.info("kimg %g: %s=%.4g (NFE %d)", kimg, cfg.metric.name, value, nfe)
+        return {cfg.metric.name: value, "kimg": kimg}
 
     return evaluate

@@ -39,7 +39,8 @@ def save_images(samples: Tensor, seeds: Sequence[int], directory: str | Path) ->
     for seed, image in zip(seeds, pixels):
         path = image_path(directory, int(seed))
         picture = Image.fromarray(image[:, :, 0], "L") if image.shape[2] == 1 else Image.fromarray(image, "RGB")
-        with atomic_file(path) as fh:  # a killed run leaves whole PNGs or none
+        # A killed run leaves whole PNGs or none; no fsync per image (it made a 50k export fsync-bound).
+        with atomic_file(path, durable=False) as fh:
             picture.save(fh, format="PNG")
         paths.append(path)
     return paths

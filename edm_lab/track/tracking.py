@@ -55,22 +55,20 @@ class CurveTracker:
                 values[name] = float(np.mean(found))
         return values
 
-    def log_point(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], samples: Tensor | None = None) -> None:
-        """One curve point from its row, or its rows of every repeat; `samples` (optional) are drawn as a grid."""
+    def log_point(self, rows: Sequence[Mapping[str, Any]], samples: Tensor | None = None) -> None:
+        """One curve point from its rows (one per repeat); `samples` (optional) are drawn as a grid."""
         if self.logger is None:
             return
-        rows = [rows] if isinstance(rows, Mapping) else list(rows)
-        row = rows[0]
         values = self.point_values(rows)
         if self.is_wandb:
             import wandb
 
             if samples is not None:
-                values["samples"] = wandb.Image(sample_grid(samples), caption=f"NFE {row['nfe']}")
+                values["samples"] = wandb.Image(sample_grid(samples), caption=f"NFE {values['nfe']}")
             # Logged on the run directly: the Lightning logger would make trainer/global_step the x axis.
             self.logger.experiment.log(values)
         else:
-            self.logger.log_metrics({k: float(v) for k, v in values.items()}, step=int(row["nfe"]))
+            self.logger.log_metrics({k: float(v) for k, v in values.items()}, step=int(values["nfe"]))
 
     def finish(self, rows: Sequence[Mapping[str, Any]], status: str = "success") -> None:
         """The curve as a table, then close the run."""

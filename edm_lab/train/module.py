@@ -34,6 +34,7 @@ class DiffusionModule(L.LightningModule):
         self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
         self.loss_scaling = loss_scaling
         self.cur_nimg = 0
+        self._rng_to_restore: dict[str, Any] | None = None  # a checkpoint's RNG states, until training starts
 
     @property
     def kimg(self) -> float:
@@ -82,7 +83,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # Restored last, after Lightning's own setup, so the first resumed step draws what it would have.
-        states = getattr(self, "_rng_to_restore", None)
+        states = self._rng_to_restore
         if states:
             torch.set_rng_state(states["torch"])
             numpy_state = states["numpy"]

@@ -18,8 +18,6 @@ def ema_beta(nimg: int, batch_size: int, halflife_kimg: float, rampup_ratio: flo
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
 
 
-
-
 @torch.no_grad()
 def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
     """ema <- beta ema + (1 - beta) net, over parameters (buffers are not averaged, as in the reference)."""
