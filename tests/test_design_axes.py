@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,72 @@ def test_vp_precond_noise_range_is_the_reference_float32_one():
     precond = VPPrecond()
     assert precond.sigma_min == pytest.approx(0.0009765625)
     assert precond.sigma_max == pytest.approx(152.16697692871094)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time steps bit for bit as the reference ablation sampler computes them, for every step count
+# ------------------------------------------------------------------------------------------------
+
+def reference_sigma_steps(discretization: str, num_steps: int, sigma_min: float, sigma_max: float,
+                          epsilon_s: float = 1e-3, rho: float = 7.0) -> torch.Tensor:
+    """The levels as NVlabs/edm's ablation_sampler writes them (generate.py), expression order included."""
+    step_indices = torch.arange(num_steps, dtype=torch.float64)
+    if discretization == "vp":
+        vp_beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+        vp_beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * vp_beta_d
+        orig_t_steps = 1 + step_indices / (num_steps - 1) * (epsilon_s - 1)
+        return (np.e ** (0.5 * vp_beta_d * (orig_t_steps ** 2) + vp_beta_min * orig_t_steps) - 1) ** 0.5
+    if discretization == "ve":
+        orig_t_steps = (sigma_max ** 2) * ((sigma_min ** 2 / sigma_max ** 2) ** (step_indices / (num_steps - 1)))
+        return orig_t_steps.sqrt()
+    if discretization == "iddpm":
+        u = D.iddpm_noise_levels()  # the table itself is pinned by the precond golden ('u')
+        u_filtered = u[torch.logical_and(u >= sigma_min, u <= sigma_max)]
+        return u_filtered[((len(u_filtered) - 1) / (num_steps - 1) * step_indices).round().to(torch.int64)]
+    assert discretization == "edm"
+    return (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
+            * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+DISC_BY_NAME = {"vp": D.VPDiscretization, "ve": D.VEDiscretization, "iddpm": D.IDDPMDiscretization,
+                "edm": D.EDMDiscretization}
+# (L-1) * (i/(N-1)) and the reference's (L-1)/(N-1) * i pick different table entries for these N <= 256
+# on the default iDDPM range (L = 992 levels).
+IDDPM_ORDER_SENSITIVE = [59, 99, 103, 117, 123, 167, 191, 195, 197, 205, 227, 233, 245]
+
+
+@pytest.mark.parametrize("name", sorted(DISC_BY_NAME))
+@pytest.mark.parametrize("noise_range", [None, (0.01, 20.0)], ids=["default-range", "narrow-range"])
+def test_sigma_steps_equal_the_reference_for_every_step_count(name, noise_range):
+    disc = DISC_BY_NAME[name]()
+    sigma_min, sigma_max = noise_range or disc.noise_range()
+    mismatched = [n for n in range(2, 1025)
+                  if not torch.equal(disc.sigma_steps(n, sigma_min, sigma_max),
+                                     reference_sigma_steps(name, n, sigma_min, sigma_max))]
+    assert mismatched == [], f"{name}: levels differ from the reference for num_steps in {mismatched[:20]}"
+    # N = 1 (the reference divides by zero there): the single step sits at the top of the range.
+    single = disc.sigma_steps(1, sigma_min, sigma_max)
+    assert single.shape == (1,)
+    top = reference_sigma_steps(name, 2, sigma_min, sigma_max)[0]
+    assert single[0].item() == top.item()
+
+
+def test_iddpm_levels_use_the_reference_expression_order():
+    disc = D.IDDPMDiscretization()
+    sigma_min, sigma_max = disc.noise_range()
+    levels = disc.sigma_steps(59, sigma_min, sigma_max)
+    assert levels[29].item() == pytest.approx(1.0029657875647, rel=1e-12)  # not 0.99984 of (L-1) * (i/(N-1))
+    # The other order really does differ at these step counts, so the test above can tell the two apart.
+    u = D.iddpm_noise_levels()
+    L = int(torch.logical_and(u >= sigma_min, u <= sigma_max).sum())
+    assert L == 992
+    other_order = [n for n in range(2, 257) if not torch.equal(
+        ((L - 1) / (n - 1) * torch.arange(n, dtype=torch.float64)).round(),
+        ((L - 1) * (torch.arange(n, dtype=torch.float64) / (n - 1))).round())]
+    assert other_order == IDDPM_ORDER_SENSITIVE
+    # A float32 table is indexed at the same (float64) positions.
+    u32 = D.iddpm_noise_levels(dtype=torch.float32)
+    u32 = u32[torch.logical_and(u32 >= sigma_min, u32 <= sigma_max)]
+    positions = ((len(u32) - 1) / 58 * torch.arange(59, dtype=torch.float64)).round().to(torch.int64)
+    low = disc.sigma_steps(59, sigma_min, sigma_max, dtype=torch.float32)
+    assert low.dtype == torch.float32 and torch.equal(low, u32[positions])

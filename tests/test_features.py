@@ -20,45 +20,40 @@ from edm_lab.evaluate.features import (
     resolve_inception_weights,
     to_inception_input,
 )
+from tests.conftest import GoldenCase, reference_cases
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+FID_CASES = reference_cases("fid_cases.pt", ident=lambda i, c: f"{c['features_a'].shape[0]}x{c['features_a'].shape[1]}")
 
 
 # ------------------------------------------------------------------------------------------------
 # Golden Frechet distances from the reference implementation
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fid_cases() -> list[dict]:
-    path = REFERENCE / "fid_cases.pt"
-    if not path.exists():
-        pytest.skip(f"golden vectors {path} are absent (shared/reference is not checked out next to the project)")
-    return torch.load(path, weights_only=True)["cases"]
-
-
-def test_golden_statistics(fid_cases):
+@pytest.mark.parametrize("golden", FID_CASES)
+def test_golden_statistics(golden: GoldenCase):
     """The statistics FrechetDistance accumulates (and caches) are the reference's mu and sigma."""
     from edm_lab.evaluate.reference import moments_from_statistics
 
-    for case in fid_cases:
-        for name in ("a", "b"):
-            x = case[f"features_{name}"]
-            fd = FrechetDistance(feat.FlattenFeatures(x.shape[1]), batch_size=7, input_dtype=torch.float64)
-            fd.set_reference(x)
-            mu, sigma, count = moments_from_statistics(fd.reference_statistics())
-            assert count == len(x)
-            torch.testing.assert_close(mu, case[f"mu_{name}"], rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(sigma, case[f"sigma_{name}"], rtol=1e-10, atol=1e-12)
+    _, case = golden.load()
+    for name in ("a", "b"):
+        x = case[f"features_{name}"]
+        fd = FrechetDistance(feat.FlattenFeatures(x.shape[1]), batch_size=7, input_dtype=torch.float64)
+        fd.set_reference(x)
+        mu, sigma, count = moments_from_statistics(fd.reference_statistics())
+        assert count == len(x)
+        torch.testing.assert_close(mu, case[f"mu_{name}"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sigma, case[f"sigma_{name}"], rtol=1e-10, atol=1e-12)
 
 
-def test_golden_frechet_distance(fid_cases):
-    for case in fid_cases:
-        value = frechet_distance_from_features(case["features_a"], case["features_b"])
-        assert isinstance(value, float)
-        assert value == pytest.approx(case["fid"], rel=1e-8), (value, case["fid"])
-        # Symmetric in its arguments.
-        assert frechet_distance_from_features(case["features_b"], case["features_a"]) == pytest.approx(
-            case["fid"], rel=1e-8)
+@pytest.mark.parametrize("golden", FID_CASES)
+def test_golden_frechet_distance(golden: GoldenCase):
+    _, case = golden.load()
+    value = frechet_distance_from_features(case["features_a"], case["features_b"])
+    assert isinstance(value, float)
+    assert value == pytest.approx(case["fid"], rel=1e-8), (value, case["fid"])
+    # Symmetric in its arguments.
+    assert frechet_distance_from_features(case["features_b"], case["features_a"]) == pytest.approx(
+        case["fid"], rel=1e-8)
 
 
 def test_frechet_distance_of_shifted_gaussian_is_squared_shift():

@@ -11,27 +11,58 @@ from edm_lab.design.losses import (DenoisingLoss, EDMNoise, EDMWeighting, IDDPMN
                                    UniformWeighting, VENoise, VPNoise)
 from edm_lab.design.precond import IDDPMPrecond
 from edm_lab.train.recipe import clean_gradients, ema_beta, lr_at, update_ema
-from tests.conftest import load_reference
+from tests.conftest import GoldenCase, counterpart, load_reference, reference_cases
 
 NOISE = {"vp": VPNoise(), "ve": VENoise(), "edm": EDMNoise()}
 WEIGHTING = {"vp": InverseSquareWeighting(), "ve": InverseSquareWeighting(), "edm": EDMWeighting()}
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm"])
-def test_noise_distribution_matches_reference_draws(name):
-    case = load_reference("loss_cases.pt")["cases"][name]
-    ours = NOISE[name](20000, generator=torch.Generator().manual_seed(0))
+def check_noise_distribution(name: str, case: dict) -> None:
+    """Our draws of loss `name` ('vp', 'VELoss', ...) pass a KS test against the reference's; another's fail it."""
+    noise = counterpart(name, NOISE, "training loss", suffix="loss")
+    ours = noise(20000, generator=torch.Generator().manual_seed(0))
     result = ks_2samp(ours.log().numpy(), case["sigma"].log().numpy())
     assert result.pvalue > 0.01, (name, result)
     # and against a clearly different distribution the same test does reject
-    other = NOISE["edm" if name != "edm" else "ve"](20000, generator=torch.Generator().manual_seed(0))
+    other = NOISE["edm" if noise is not NOISE["edm"] else "ve"](20000, generator=torch.Generator().manual_seed(0))
     assert ks_2samp(other.log().numpy(), case["sigma"].log().numpy()).pvalue < 1e-6
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm"])
-def test_weighting_matches_reference_exactly(name):
-    case = load_reference("loss_cases.pt")["cases"][name]
-    torch.testing.assert_close(WEIGHTING[name](case["sigma"]), case["weight"], rtol=1e-6, atol=0)
+def check_weighting(name: str, case: dict) -> None:
+    """lambda(sigma) of loss `name` equals the reference's weights at its own draws."""
+    weighting = counterpart(name, WEIGHTING, "training loss", suffix="loss")
+    torch.testing.assert_close(weighting(case["sigma"]), case["weight"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("golden", reference_cases("loss_cases.pt"))
+def test_noise_distribution_matches_reference_draws(golden: GoldenCase):
+    _, case = golden.load()
+    check_noise_distribution(golden.key, case)
+
+
+@pytest.mark.parametrize("golden", reference_cases("loss_cases.pt"))
+def test_weighting_matches_reference_exactly(golden: GoldenCase):
+    _, case = golden.load()
+    check_weighting(golden.key, case)
+
+
+@pytest.mark.golden  # reads the real golden file
+def test_regenerated_loss_cases_are_checked_case_by_case(tmp_path):
+    """A subset keyed by class name runs the same checks; a loss with no counterpart here fails naming it."""
+    cases = load_reference("loss_cases.pt")["cases"]
+    torch.save({"cases": {"EDMLoss": cases["edm"], "VELoss": cases["ve"]}}, tmp_path / "loss_cases.pt")
+    params = reference_cases("loss_cases.pt", directory=tmp_path)
+    assert [p.id for p in params] == ["EDMLoss", "VELoss"]
+    for param in params:
+        _, case = param.values[0].load()
+        check_noise_distribution(param.values[0].key, case)
+        check_weighting(param.values[0].key, case)
+    with pytest.raises(AssertionError):  # the draws of another loss are told apart
+        check_noise_distribution("EDMLoss", cases["ve"])
+    with pytest.raises(AssertionError):
+        check_weighting("VELoss", cases["edm"])
+    with pytest.raises(pytest.fail.Exception, match="training loss 'iddpm' has no counterpart.*edm, ve, vp"):
+        check_weighting("iddpm", cases["edm"])
 
 
 def test_noise_ranges_and_iddpm_levels():

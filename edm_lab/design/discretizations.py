@@ -16,7 +16,11 @@ from edm_lab.design.schedules import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_S, VPSch
 
 
 def _fractions(num_steps: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """i / (N - 1) for i < N; a single step sits at sigma_max."""
+    """i / (N - 1) for i < N; a single step sits at sigma_max.
+
+    Exactly the reference's `step_indices / (num_steps - 1)`, so that the levels built on it agree
+    bit for bit (the reference divides by zero at N = 1).
+    """
     step_indices = torch.arange(num_steps, dtype=dtype, device=device)
     return step_indices / max(num_steps - 1, 1)
 
@@ -123,7 +127,11 @@ class IDDPMDiscretization(Discretization):
         u_filtered = u[torch.logical_and(u >= sigma_min, u <= sigma_max)]
         if len(u_filtered) == 0:
             raise ValueError(f"no iDDPM noise level lies in [{sigma_min}, {sigma_max}]")
-        positions = ((len(u_filtered) - 1) * _fractions(num_steps, dtype, device)).round().to(torch.int64)
+        # The reference's order, (L-1)/(N-1) * i as a Python float times float64 indices: (L-1) * (i/(N-1))
+        # rounds differently at some half-way positions (e.g. N=59, step 29). Float64 whatever `dtype`,
+        # since these are table positions, not noise levels.
+        step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
+        positions = ((len(u_filtered) - 1) / max(num_steps - 1, 1) * step_indices).round().to(torch.int64)
         return u_filtered[positions]
 
 
