@@ -105,7 +105,8 @@ def test_tensors_must_match_the_network(tmp_path):
     state[key] = torch.zeros(state[key].numel() + 1)
     path = tmp_path / "misshaped.safetensors"
     path.write_bytes(save(state, metadata={"format": FORMAT, "spec": json.dumps(original.build_spec)}))
-    with pytest.raises(ValueError, match=r"misshaped\.safetensors.*does not match"):
+    with pytest.raises(ValueError, match=r"misshaped\.safetensors.*do not match.*'model\.map_layer0\.bias' is \(97,\) "
+                                         r"in the file, \(96,\) in the network"):
         load_checkpoint(path)
 
 

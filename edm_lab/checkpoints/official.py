@@ -15,15 +15,18 @@ other global with `UnsafePickleError` before anything is called:
 - the persistence reconstructor becomes `_PersistentRecord(class_name, version, state)`;
   `module_src` is dropped unread, and a `class_name` outside `KNOWN_CLASSES` is refused;
 - tensors are rebuilt from their storages, whose embedded bytes are read with
-  `torch.load(..., weights_only=True)` (torch's own restricted unpickler);
+  `torch.load(..., weights_only=True)` (torch's own restricted unpickler); a tensor's geometry
+  (offset, size, stride) must lie inside the storage the file provides;
 - `torch.nn.ModuleDict` becomes a record of its state; numpy scalars (the reference stores a
   few, e.g. `skip_scale = np.sqrt(0.5)`) are decoded with `struct`, without numpy.
 
 Afterwards the records are converted: the `ema` preconditioner is rebuilt from this project's
 classes (`edm_lab.nets.build_network` for the inner network, `edm_lab.design.precond` for the
 preconditioner) using the reference's `init_kwargs`, and its tensors are loaded by their
-state_dict names with strict key and shape checks. Loss functions and augment pipes become
-plain `{"class_name", "init_kwargs"}` dicts.
+state_dict names. The names and shapes are compared with those of the network the init_kwargs
+describe on the meta device first (`edm_lab.nets.denoisers.check_spec_against`), so hostile
+init_kwargs (huge channel counts) are refused before anything is allocated. Loss functions and
+augment pipes become plain `{"class_name", "init_kwargs"}` dicts.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from torch import nn
 from torch.hub import download_url_to_file
 
 from edm_lab.checkpoints.snapshot import as_sampling_model
-from edm_lab.nets.denoisers import build_denoiser
+from edm_lab.nets.denoisers import SpecError, build_denoiser, check_spec_against
 
 __all__ = [
     "OfficialCheckpointError", "UnsafePickleError", "CheckpointFormatError",
@@ -207,10 +210,24 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backwa
     if not (isinstance(storage_offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
             and all(isinstance(v, int) for v in size + stride) and len(size) == len(stride)):
         raise pickle.UnpicklingError("malformed tensor geometry")
+    if storage_offset < 0 or any(v < 0 for v in size + stride):
+        raise pickle.UnpicklingError(f"tensor geometry with negative values (offset {storage_offset}, size {size}, "
+                                     f"stride {stride})")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # TypedStorage's deprecation: it is what the pickles hold
+        available = storage.size()
+        # Tensor.set_ silently GROWS a storage shorter than the geometry needs, which would load
+        # uninitialised memory as weights: the extent must fit in the storage the file provides.
+        # Overlapping geometries (stride 0) are refused too: a network's tensors never overlap, and
+        # they would let a few stored values pass for a huge tensor.
+        if 0 not in size:
+            extent = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+            if extent > available or math.prod(size) > available:
+                raise pickle.UnpicklingError(f"tensor of size {size} (offset {storage_offset}, stride {stride}) "
+                                             f"needs {max(extent, math.prod(size))} elements, its storage has "
+                                             f"{available}")
         tensor = torch.empty((0,), dtype=storage.dtype)
-        tensor.set_(storage._untyped_storage, storage_offset, size, stride)  # bounds-checked by torch
+        tensor.set_(storage._untyped_storage, storage_offset, size, stride)
     # requires_grad, backward hooks (always empty when pickled) and metadata are not carried over:
     # the values are copied into freshly built modules anyway.
     return tensor
@@ -357,21 +374,31 @@ def read_snapshot(path: str | Path, source: str | None = None) -> dict:
 # Converting records
 
 
-def _plain(value, source: str, where: str, depth: int = 0):
-    """A copy of `value` made of plain Python containers and scalars only."""
+def _plain(value, source: str, where: str, depth: int = 0, copies: dict[int, Any] | None = None):
+    """A copy of `value` made of plain Python containers and scalars only.
+
+    A container the pickle references many times (its memo makes that cost a few bytes each) is
+    copied once and shared, like its tensors, so the result is never larger than what was read.
+    """
     if depth > 32:
         raise CheckpointFormatError(source, f"{where} nests too deeply")
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
-    if isinstance(value, dict):
-        return {k: _plain(v, source, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        items = [_plain(v, source, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
-        return type(value)(items) if not isinstance(value, set) else set(items)
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    kind = value.class_name if isinstance(value, (_PersistentRecord, _ModuleDictRecord)) else type(value).__name__
-    raise CheckpointFormatError(source, f"{where} holds a {kind}, expected plain values")
+        return value.detach()
+    copies = {} if copies is None else copies
+    if id(value) in copies:
+        return copies[id(value)]
+    if isinstance(value, dict):
+        copy = {k: _plain(v, source, f"{where}[{k!r}]", depth + 1, copies) for k, v in value.items()}
+    elif isinstance(value, (list, tuple, set)):
+        items = [_plain(v, source, f"{where}[{i}]", depth + 1, copies) for i, v in enumerate(value)]
+        copy = type(value)(items) if not isinstance(value, set) else set(items)
+    else:
+        kind = value.class_name if isinstance(value, (_PersistentRecord, _ModuleDictRecord)) else type(value).__name__
+        raise CheckpointFormatError(source, f"{where} holds a {kind}, expected plain values")
+    copies[id(value)] = copy
+    return copy
 
 
 def _init_kwargs(record: _PersistentRecord, param_names: tuple[str, ...], source: str) -> dict:
@@ -441,8 +468,8 @@ _OUR_PRECONDS = {"EDMPrecond": "EDMPrecond", "VPPrecond": "VPPrecond", "VEPrecon
                  "iDDPMPrecond": "IDDPMPrecond"}
 
 
-def _build_precond(record: _PersistentRecord, source: str) -> nn.Module:
-    """This project's preconditioner + network for a reference preconditioner record."""
+def _precond_spec(record: _PersistentRecord, source: str) -> dict[str, Any]:
+    """The network spec (see `edm_lab.nets.denoisers`) of a reference preconditioner record."""
     signature = _PRECOND_SIGNATURES[record.class_name]
     kwargs = _init_kwargs(record, _PRECOND_COMMON + tuple(name for name, _ in signature), source)
     for required in ("img_resolution", "img_channels"):
@@ -464,34 +491,10 @@ def _build_precond(record: _PersistentRecord, source: str) -> nn.Module:
     options = dict(noise, img_channels=img_channels, label_dim=label_dim)
     if use_fp16:  # only selects the compute dtype on CUDA; the stored weights are float32
         options["precision"] = "fp16"
-    spec = {"precond": {"class": _OUR_PRECONDS[record.class_name], "kwargs": options},
+    return {"precond": {"class": _OUR_PRECONDS[record.class_name], "kwargs": options},
             "network": {"model_type": model_type,
                         "kwargs": dict(img_resolution=img_resolution, in_channels=img_channels,
                                        out_channels=out_channels, label_dim=label_dim, **model_kwargs)}}
-    try:
-        return build_denoiser(spec)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointFormatError(source, f"cannot build {model_type} from the snapshot's arguments "
-                                            f"{model_kwargs}: {e}") from e
-
-
-def _load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    extra = [k for k in tensors if k not in expected]
-    if missing:
-        raise CheckpointFormatError(source, f"the snapshot lacks tensor {missing[0]!r} of our "
-                                            f"{type(module).__name__}" + (f" (and {len(missing) - 1} more: "
-                                            f"{missing[1:6]})" if len(missing) > 1 else ""))
-    if extra:
-        raise CheckpointFormatError(source, f"the snapshot has tensor {extra[0]!r} that our "
-                                            f"{type(module).__name__} does not" + (f" (and {len(extra) - 1} "
-                                            f"more: {extra[1:6]})" if len(extra) > 1 else ""))
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise CheckpointFormatError(source, f"tensor {key!r} has shape {tuple(tensors[key].shape)} in the "
-                                                f"snapshot, {tuple(value.shape)} in our module")
-    module.load_state_dict({k: tensors[k].detach() for k in expected}, strict=True)
 
 
 def convert_snapshot(data: dict, source: str) -> dict:
@@ -500,10 +503,23 @@ def convert_snapshot(data: dict, source: str) -> dict:
     if not isinstance(ema, _PersistentRecord) or ema.class_name not in PRECOND_CLASSES:
         kind = getattr(ema, "class_name", type(ema).__name__)
         raise CheckpointFormatError(source, f"'ema' is a {kind}, expected one of {', '.join(PRECOND_CLASSES)}")
-    module = _build_precond(ema, source)
+    spec = _precond_spec(ema, source)
     tensors: dict[str, torch.Tensor] = {}
     _collect_tensors(ema, "", tensors, source, set())
-    _load_tensors(module, tensors, source)
+    # Tensors may share a storage (pickle memoises it); all their values must be in the file, or a
+    # few stored values could pass for a large network.
+    stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    if needed > sum(stored.values()):
+        raise CheckpointFormatError(source, f"the ema's tensors hold {needed:,} bytes of values but share storages "
+                                            f"of {sum(stored.values()):,} bytes")
+    # Compared on the meta device first: init_kwargs asking for a huge network allocate nothing.
+    try:
+        check_spec_against(spec, {name: tensor.shape for name, tensor in tensors.items()})
+        module = build_denoiser(spec)
+    except SpecError as e:
+        raise CheckpointFormatError(source, f"the 'ema' {ema.class_name} (spec from its init_kwargs): {e}") from e
+    module.load_state_dict({name: tensor.detach() for name, tensor in tensors.items()}, strict=True)
     module.eval().requires_grad_(False)
     dataset_kwargs = data.get("dataset_kwargs")
     return {

@@ -2,7 +2,15 @@
 
 Nothing executable is stored: loading rebuilds the modules from the spec through allow-lists
 (`edm_lab.nets.denoisers.build_denoiser`) and copies the tensors by name (strict), so a
-checkpoint loads back to bit-identical outputs and a hostile file cannot run code.
+checkpoint loads back to bit-identical outputs and a hostile file cannot run code. Before
+anything is built, the tensor names, shapes and dtypes in the file's header are compared with
+those of the spec's network on the meta device (`check_spec_against`), so a small file cannot
+make the loader allocate a large network.
+
+The metadata is one key, `METADATA_KEY`, holding the sort_keys JSON of `{format, spec, extra}`:
+safetensors stores metadata as a hash map whose order varies per process, so with a single
+key the same weights give the same bytes (and sha256) wherever they are saved. Files of the
+first layout (`format`, `spec` and `extra` as three keys) are still read.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
@@ -18,55 +27,99 @@ from torch import nn
 from edm_lab.atomic import atomic_write_bytes
 from edm_lab.design.precond import PRECISIONS
 from edm_lab.nets import count_parameters
-from edm_lab.nets.denoisers import build_denoiser, precond_choice
+from edm_lab.nets.denoisers import SpecError, build_denoiser, check_spec, check_spec_against, precond_choice
 
 FORMAT = "edm-lab-checkpoint/1"
+METADATA_KEY = "edm-lab-checkpoint"
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+"""safetensors' dtype names (those torch has), to compare a header with a network without reading data."""
 
 
 def save_checkpoint(denoiser: nn.Module, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write `denoiser` (built from a spec, e.g. by `network_denoiser`) atomically to `path`."""
+    """Write `denoiser` (built from a spec, e.g. by `network_denoiser`) atomically to `path`.
+
+    Identical weights, spec and extra give identical bytes, whichever process saves them.
+    """
     spec = getattr(denoiser, "build_spec", None)
     if spec is None:
         raise ValueError(f"{type(denoiser).__name__} has no build_spec: only denoisers built from a network spec "
                          "(model=network, training, imported snapshots) can be saved")
     tensors = {k: v.detach().contiguous().cpu() for k, v in denoiser.state_dict().items()}
-    metadata = {"format": FORMAT, "spec": json.dumps(spec), "extra": json.dumps(dict(extra or {}), default=str)}
+    record = {"format": FORMAT, "spec": spec, "extra": dict(extra or {})}
+    metadata = {METADATA_KEY: json.dumps(record, sort_keys=True, default=str)}
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(spec, extra) of a checkpoint file, without building anything."""
+    spec, extra, _, _ = _read_header(Path(path))
+    return spec, extra
+
+
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """The denoiser stored in `path`, in eval mode.
+
+    Every refusal is a ValueError naming the file (FileNotFoundError if it does not exist); a
+    spec that does not match the file's tensors is refused before any of it is allocated.
+    """
     path = Path(path)
+    spec, extra, shapes, dtypes = _read_header(path)
+    try:
+        check_spec_against(spec, shapes, dtypes)
+        denoiser = build_denoiser(spec)
+    except SpecError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from exc
+    denoiser.load_state_dict(load_file(str(path)), strict=True)
+    denoiser.checkpoint_extra = extra
+    return denoiser.eval()
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[int, ...]],
+                                      dict[str, Any]]:
+    """(spec, extra, shapes, dtypes) from the file's header (spec well-formed); no tensor data is read."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            shapes, dtypes = {}, {}
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                shapes[key] = tuple(view.get_shape())
+                dtypes[key] = _DTYPES.get(view.get_dtype(), view.get_dtype())
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"checkpoint {path} is not a safetensors file ({exc})") from exc
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} has format {metadata.get('format')!r}, expected {FORMAT!r}")
-    return json.loads(metadata["spec"]), json.loads(metadata.get("extra", "{}"))
+    if METADATA_KEY in metadata:
+        record = _json(path, METADATA_KEY, metadata[METADATA_KEY])
+        if not isinstance(record, dict):
+            raise ValueError(f"checkpoint {path}: metadata {METADATA_KEY!r} is a {type(record).__name__}, "
+                             "expected a JSON object")
+    else:  # the first layout: format, spec and extra as separate keys
+        record = {"format": metadata.get("format")}
+        record.update({key: _json(path, key, metadata[key]) for key in ("spec", "extra") if key in metadata})
+    if record.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} has format {record.get('format')!r}, expected {FORMAT!r} "
+                         "(is it a checkpoint of this project?)")
+    if "spec" not in record:
+        raise ValueError(f"checkpoint {path} has no network spec")
+    extra = record.get("extra", {})
+    if not isinstance(extra, dict):
+        raise ValueError(f"checkpoint {path}: extra is not a JSON object (got {type(extra).__name__})")
+    try:
+        check_spec(record["spec"])
+    except SpecError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from exc
+    return record["spec"], extra, shapes, dtypes
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
-    """The denoiser stored in `path`, in eval mode."""
-    path = Path(path)
-    spec, extra = read_checkpoint(path)
+def _json(path: Path, key: str, text: str) -> Any:
     try:
-        denoiser = build_denoiser(spec)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"checkpoint {path}: cannot rebuild its network ({exc})") from exc
-    try:
-        result = denoiser.load_state_dict(load_file(str(path)), strict=False)
-    except RuntimeError as exc:  # strict=False still refuses tensors shaped unlike the network's
-        raise ValueError(f"checkpoint {path} does not match its network: {exc}") from exc
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its network: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    denoiser.checkpoint_extra = extra
-    return denoiser.eval()
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nesting deeper than Python's stack
+        raise ValueError(f"checkpoint {path}: metadata {key!r} is not valid JSON ({exc})") from None
 
 
 def file_sha256(path: str | Path) -> str:

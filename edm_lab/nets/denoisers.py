@@ -2,11 +2,16 @@
 
 A spec is plain data, `{"precond": {"class": "EDMPrecond", "kwargs": {...}},
 "network": {"model_type": "SongUNet", "kwargs": {...}}}`, and is only ever turned into modules
-through the allow-lists below, so a spec read from a file cannot name arbitrary code.
+through the allow-lists below, so a spec read from a file cannot name arbitrary code. Its
+structural integers are bounded (`SPEC_BOUNDS`), and `check_spec_against` compares the tensors
+a file holds with those the spec's network would have, on the meta device, so a file cannot
+make the loader allocate (or spend minutes initialising) a network larger than the file.
 """
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from typing import Any, Callable, Mapping
 
 import torch
@@ -14,18 +19,115 @@ from torch import nn
 
 from edm_lab.design.precond import EDMPrecond, IDDPMPrecond, Precond, VEPrecond, VPPrecond
 from edm_lab import nets
+from edm_lab.bounds import SPEC_BOUNDS
 
 PRECONDS: dict[str, type[Precond]] = {cls.__name__: cls for cls in (VPPrecond, VEPrecond, IDDPMPrecond, EDMPrecond)}
 
+class SpecError(ValueError):
+    """A network spec that is malformed, out of bounds, cannot be built, or does not match tensors."""
+
+
+def check_spec(spec: Any) -> None:
+    """Refuse (`SpecError`) a spec that is not well-formed, names a class outside the allow-lists
+    or exceeds `SPEC_BOUNDS`; builds nothing."""
+    if not isinstance(spec, Mapping):
+        raise SpecError(f"network spec is a {type(spec).__name__}, expected a mapping with 'precond' and 'network'")
+    for part, name_key in (("precond", "class"), ("network", "model_type")):
+        entry = spec.get(part)
+        if not (isinstance(entry, Mapping) and isinstance(entry.get(name_key), str)
+                and isinstance(entry.get("kwargs"), Mapping)):
+            raise SpecError(f"network spec lacks {part!r}: {{{name_key!r}: <name>, 'kwargs': {{...}}}} "
+                            f"(got {entry!r:.200})")
+    precond_name, model_type = spec["precond"]["class"], spec["network"]["model_type"]
+    if precond_name not in PRECONDS:
+        raise SpecError(f"network spec: unknown preconditioner {precond_name!r} (known: {sorted(PRECONDS)})")
+    if model_type not in nets.NETWORKS:
+        raise SpecError(f"network spec: unknown model_type {model_type!r} (known: {sorted(nets.NETWORKS)})")
+    for part in ("precond", "network"):
+        kwargs = spec[part]["kwargs"]
+        for key, (low, high) in SPEC_BOUNDS.items():
+            name = key.removeprefix("len(").removesuffix(")").removesuffix("[i]")
+            if name not in kwargs:
+                continue
+            value = kwargs[name]
+            if key == name:
+                _check_bound(part, name, value, low, high)
+                continue
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise SpecError(f"network spec: {part} kwarg {name}={value!r:.80} is not a list")
+            if key.startswith("len("):
+                _check_bound(part, key, len(value), low, high)
+            else:
+                for i, item in enumerate(value):
+                    _check_bound(part, f"{name}[{i}]", item, low, high)
+
+
+def _check_bound(part: str, name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(f"network spec: {part} kwarg {name}={value!r:.80} is outside [{low}, {high}] "
+                        "(edm_lab.bounds.SPEC_BOUNDS)")
+
+
+def spec_state_layout(spec: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every state_dict entry of the spec's denoiser, without allocating it.
+
+    The network is built on the meta device (shapes only, no storage, no random draws); the
+    preconditioner around it is real, as it computes floats from its buffers (iDDPM's table).
+    """
+    check_spec(spec)
+    network = spec["network"]
+    try:
+        with torch.device("meta"):
+            net = nets.build_network(network["model_type"], **network["kwargs"])
+        denoiser = PRECONDS[spec["precond"]["class"]](model=net, **spec["precond"]["kwargs"])
+    except Exception as exc:  # noqa: BLE001 - bad kwargs from a file fail in many ways; all are spec errors
+        raise SpecError(f"network spec: cannot build {network['model_type']} inside {spec['precond']['class']} "
+                        f"({type(exc).__name__}: {exc})") from exc
+    return {name: (tuple(value.shape), value.dtype) for name, value in denoiser.state_dict().items()}
+
+
+def check_spec_against(spec: Mapping[str, Any], shapes: Mapping[str, Sequence[int]],
+                       dtypes: Mapping[str, torch.dtype | str] | None = None) -> None:
+    """Refuse (`SpecError`) a spec whose denoiser's state_dict is not exactly `shapes` (and `dtypes`).
+
+    Meant for loaders, before they build the network for real: the comparison allocates
+    nothing, so tensors that do not fit the spec (e.g. a tiny file whose spec asks for a huge
+    network) are refused at the cost of a meta build. The message lists the first mismatches.
+    """
+    layout = spec_state_layout(spec)
+    problems = []
+    missing = [name for name in layout if name not in shapes]
+    unexpected = [name for name in shapes if name not in layout]
+    if missing:
+        problems.append(f"missing {len(missing)} tensors {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors {unexpected[:5]}")
+    misshaped = [f"{name!r} is {tuple(shapes[name])} in the file, {shape} in the network"
+                 for name, (shape, _) in layout.items() if name in shapes and tuple(shapes[name]) != shape]
+    if misshaped:
+        problems.append(f"{len(misshaped)} shapes differ: " + "; ".join(misshaped[:5]))
+    if dtypes is not None:
+        mistyped = [f"{name!r} is {dtypes[name]} in the file, {dtype} in the network"
+                    for name, (_, dtype) in layout.items() if name in dtypes and dtypes[name] != dtype]
+        if mistyped:
+            problems.append(f"{len(mistyped)} dtypes differ: " + "; ".join(mistyped[:5]))
+    if problems:
+        spec_values = sum(math.prod(shape) for shape, _ in layout.values())
+        file_values = sum(math.prod(shape) for shape in shapes.values())
+        raise SpecError(f"tensors do not match the network its spec describes ({len(layout)} tensors, "
+                        f"{spec_values:,} values; the file has {len(shapes)} tensors, {file_values:,} values): "
+                        + "; ".join(problems))
+
 
 def build_denoiser(spec: Mapping[str, Any]) -> Precond:
-    """Modules from a spec (allow-listed classes only); weights are freshly initialised."""
-    precond_name = spec["precond"]["class"]
-    if precond_name not in PRECONDS:
-        raise ValueError(f"unknown preconditioner {precond_name!r} (known: {sorted(PRECONDS)})")
+    """Modules from a spec (allow-listed classes only, `SPEC_BOUNDS` checked); weights are freshly initialised.
+
+    Loaders call `check_spec_against` first, so that only networks matching their tensors get built.
+    """
+    check_spec(spec)
     network = dict(spec["network"])
     net = nets.build_network(network["model_type"], **network["kwargs"])
-    denoiser = PRECONDS[precond_name](model=net, **spec["precond"]["kwargs"])
+    denoiser = PRECONDS[spec["precond"]["class"]](model=net, **spec["precond"]["kwargs"])
     denoiser.build_spec = {"precond": dict(spec["precond"]), "network": network}
     return denoiser
 
