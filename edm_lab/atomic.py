@@ -2,17 +2,23 @@
 
 Every file this project writes for others to read (result rows, reports, caches) goes
 through `atomic_write_bytes`: a same-directory temp file, fsync, then os.replace, so a crash
-leaves the previous file (or none), never a truncated one.
+leaves the previous file (or none), never a truncated one. A writer holds an advisory lock on
+its temp file, so `remove_stale_temp_files` can tell the leftovers of killed writers from files
+being written. Write errors name the file. torch is imported only where tensors are saved.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TypeVar
 
-import torch
+try:
+    import fcntl
+except ImportError:  # not on Windows: stale temp files are then recognised by age alone
+    fcntl = None
 
 T = TypeVar("T")
 TMP_PREFIX = "."
@@ -54,10 +60,13 @@ def atomic_file(path: str | Path, durable: bool = True) -> Iterator[BinaryIO]:
     but a power loss may lose recent ones -- the price for tens of thousands of exported images.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name + ".", suffix=TMP_SUFFIX)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name + ".", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "w+b") as fh:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # released when this process closes it or dies
             if hasattr(os, "fchmod"):
                 os.fchmod(fh.fileno(), _FILE_MODE)
             yield fh
@@ -65,9 +74,13 @@ def atomic_file(path: str | Path, durable: bool = True) -> Iterator[BinaryIO]:
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        # Errors of writes to the file carry no file name (a full disk, a quota): name it.
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     if durable:
         fsync_dir(path.parent)
@@ -85,8 +98,51 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+STALE_AFTER_SECONDS = 10.0  # a temp file younger than this may belong to a writer that has not locked it yet
+
+
+def remove_stale_temp_files(directory: str | Path, min_age: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Delete the temp files `atomic_file` left in `directory` when its writer died; returns them.
+
+    A temp file is stale when no process holds its lock (and, without file locks, when it is an
+    hour old); live writers' files are never touched.
+    """
+    removed = []
+    now = time.time()
+    for tmp in Path(directory).glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
+        try:
+            age = now - tmp.stat().st_mtime
+            if age < (min_age if fcntl is not None else max(min_age, 3600.0)):
+                continue
+            with open(tmp, "rb") as fh:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its writer is alive
+                tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            continue  # its writer finished (renamed it) meanwhile
+    return removed
+
+
+def probe_writable(directory: str | Path) -> None:
+    """Create `directory` if needed and write and delete a small file there; an OSError names the folder."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=TMP_PREFIX + "probe.", suffix=TMP_SUFFIX) as fh:
+            fh.write(b"probe")
+            fh.flush()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(directory)) from exc
+
+
 def atomic_torch_save(obj, path: str | Path) -> Path:
     """torch.save streamed through `atomic_file` (keep to tensors and plain containers: weights_only loads)."""
+    import torch
+
     with atomic_file(path) as fh:
         torch.save(obj, fh)
     return Path(path)
@@ -97,6 +153,7 @@ def cached(path: str | Path, compute: Callable[[], T]) -> T:
 
     A file lock makes parallel jobs compute it once; an unreadable file is an error naming it.
     """
+    import torch
     from filelock import FileLock
 
     path = Path(path)

@@ -16,8 +16,10 @@ from edm_lab.evaluate.features import (
 from edm_lab.tasks.fid_ref import run_fid_ref
 from edm_lab.tasks.hydra_support import run_task
 from edm_lab.tasks.sample import build_frechet, run_sample
-from tests.conftest import load_reference
+from edm_lab.tasks.schema import ConfigError
+from tests.conftest import GoldenCase
 from tests.test_configs import compose_cfg
+from tests.test_features import FID_CASES
 from tests.test_sample_task import CHOICES, TINY
 
 
@@ -44,12 +46,13 @@ def test_reference_npz_measures_like_the_features(count, tmp_path):
     assert _frechet_from_npz(path, 16)(b) == pytest.approx(expected, rel=1e-10)
 
 
-def test_golden_moments_give_the_golden_distance(tmp_path):
-    for case in load_reference("fid_cases.pt")["cases"]:
-        path = tmp_path / "golden.npz"
-        np.savez(path, mu=case["mu_a"].numpy(), sigma=case["sigma_a"].numpy())
-        fd = _frechet_from_npz(path, case["mu_a"].shape[0])
-        assert fd(case["features_b"]) == pytest.approx(case["fid"], rel=1e-10)
+@pytest.mark.parametrize("golden", FID_CASES)
+def test_golden_moments_give_the_golden_distance(golden: GoldenCase, tmp_path):
+    _, case = golden.load()
+    path = tmp_path / "golden.npz"
+    np.savez(path, mu=case["mu_a"].numpy(), sigma=case["sigma_a"].numpy())
+    fd = _frechet_from_npz(path, case["mu_a"].shape[0])
+    assert fd(case["features_b"]) == pytest.approx(case["fid"], rel=1e-10)
 
 
 def test_save_npz_is_reference_compatible(tmp_path):
@@ -177,7 +180,7 @@ def test_missing_reference_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(FrechetDistance, "__init__", lambda *a, **k: pytest.fail("built the extractor"))
     missing = tmp_path / "nowhere.npz"
     cfg = compose_cfg(tmp_path, *TINY, f"metric.reference={missing}")
-    with pytest.raises(FileNotFoundError, match="metric.reference") as info:
+    with pytest.raises(ConfigError, match="metric.reference") as info:
         run_sample(cfg, CHOICES)
     assert str(missing) in str(info.value)
     assert not (tmp_path / "results").exists() and not (tmp_path / ".cache").exists()
@@ -189,7 +192,7 @@ def test_fid_ref_rejects_a_bad_dest_before_work(tmp_path, monkeypatch):
         run_fid_ref(compose_cfg(tmp_path, "task=fid_ref", "metric=raw", f"task.dest={tmp_path}/stats.pt"))
     with pytest.raises(ValueError, match="metric.reference"):  # it would copy that file, not extract the data's
         run_fid_ref(compose_cfg(tmp_path, "task=fid_ref", "metric=raw", f"metric.reference={tmp_path}/x.npz"))
-    with pytest.raises(ValueError, match="not a task here.*fid_ref"):
+    with pytest.raises(ValueError, match="task.name=nope: expected one of .*fid_ref"):
         run_task(compose_cfg(tmp_path, "task=report", "task.name=nope"))
 
 

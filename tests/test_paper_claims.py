@@ -24,7 +24,7 @@ EDM = dict(schedule=S.LinearSchedule(), scaling=S.NoScaling(), discretization=D.
 
 
 def sampler_error(net, latents, axes: dict, num_steps: int) -> tuple[float, int]:
-    sigma0 = start_sigma(net, num_steps, axes["schedule"], axes["discretization"])
+    sigma0 = start_sigma(net, num_steps, axes["discretization"])
     reference = reference_sampler(sigma0, 256)(net, latents).x
     result = sample(net, latents, num_steps, **axes)
     return rms_error(result.x, reference), result.nfe

@@ -106,3 +106,38 @@ def test_a_sweep_extracts_the_data_sets_features_once(tmp_path, monkeypatch):
     same = run_sample(compose_cfg(tmp_path, *TINY, "force=true"), CHOICES)
     assert [r["fd_raw"] for r in same] == [r["fd_raw"] for r in first]  # cached statistics, same numbers
     assert again[0]["fd_raw"] != first[0]["fd_raw"]
+
+
+def test_rerun_recomputes_a_point_whose_row_file_is_unusable(tmp_path):
+    """A hand-edited `{}` and a row copied from another configuration: warned about, set aside, recomputed."""
+    cfg = compose_cfg(tmp_path, *TINY)
+    first = run_sample(cfg, CHOICES)
+    other = compose_cfg(tmp_path, *TINY, "solver=euler")
+    (euler_row,) = [r for r in run_sample(other, {**CHOICES, "solver": "euler"}) if r["num_steps"] == 3]
+    store = ResultsStore(cfg.paths.results_dir)
+    config = first[0]["config_hash"]
+    store.path(config, 2).write_text("{}")
+    store.path(config, 3).write_bytes(store.path(euler_row["config_hash"], 3).read_bytes())
+    with pytest.warns(RuntimeWarning) as record:
+        again = run_sample(cfg, CHOICES)
+    messages = [str(w.message) for w in record if "result row" in str(w.message)]
+    assert len(messages) == 2 and all(config in m and "moved to" in m for m in messages)
+    assert [(r["num_steps"], r["nfe"], r["fd_raw"]) for r in again] == \
+        [(r["num_steps"], r["nfe"], r["fd_raw"]) for r in first]  # recomputed: the same numbers again
+    assert len(list(store.path(config, 2).parent.glob("*.rejected-*"))) == 2
+    assert {r["config_hash"] for r in store.rows()} == {config, euler_row["config_hash"]}
+
+
+def test_schedules_starting_at_one_noise_level_share_one_reference_solution(tmp_path):
+    """sigma(sigma^-1(80)) is 80.00000000000001 through the VP schedule: the start level is taken before it."""
+    from edm_lab.design.discretizations import EDMDiscretization
+    from edm_lab.evaluate.sampling import start_sigma
+    from edm_lab.nets.ideal import IdealDenoiser
+
+    assert start_sigma(IdealDenoiser(torch.zeros(4, 2)), 18, EDMDiscretization()) == 80.0
+    rows = []
+    for schedule in ("edm", "vp", "ve"):
+        cfg = compose_cfg(tmp_path, *TINY, f"schedule={schedule}")
+        rows += run_sample(cfg, {**CHOICES, "schedule": schedule})
+    assert {r["sigma_start"] for r in rows} == {80.0}
+    assert len(list((tmp_path / ".cache" / "references").glob("*.pt"))) == 1

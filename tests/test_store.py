@@ -1,10 +1,14 @@
 """Tests for edm_lab.track.store: atomic, concurrent-safe one-file-per-row results."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import multiprocessing as mp
 import os
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -284,3 +288,109 @@ def test_concurrent_writers_same_rows(tmp_path: Path) -> None:
     assert set(frame["worker"]) <= {0, 1, 2, 3}
     assert (frame["payload"].str.len() == 2000).all()
     assert not any(f.name.endswith(".tmp") for f in all_files(tmp_path))
+
+
+# -- a store that checks what it reads -------------------------------------------------------------
+
+@pytest.mark.parametrize("missing", ["nfe", "label"])
+def test_write_requires_every_key_a_reader_requires(tmp_path: Path, missing: str) -> None:
+    row = make_row()
+    del row[missing]
+    with pytest.raises(ValueError, match=missing):
+        ResultsStore(tmp_path).write(row)
+
+
+@pytest.mark.parametrize("content,reason", [
+    ("{}", "missing required keys"),
+    ('{"a": 1}', "missing required keys"),
+    ('{"config_hash": "3f2a9c1b7d0e", "num_steps": "18", "nfe": 35, "label": "x"}', "num_steps='18' is not a int"),
+    ("[1, 2]", "not a JSON object"),
+])
+def test_unusable_row_is_moved_aside_and_reported_missing(tmp_path: Path, content: str, reason: str) -> None:
+    store = ResultsStore(tmp_path)
+    path = store.path("3f2a9c1b7d0e", 18)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(RuntimeWarning, match="skipping result row .*steps-18.json: " + reason):
+        assert store.rows() == []  # the report's reader: skipped, left in place
+    assert path.exists()
+    with pytest.warns(RuntimeWarning, match=f"{path}.*{reason}.*moved to steps-18.json.rejected-"):
+        assert store.get("3f2a9c1b7d0e", 18) is None
+    (aside,) = path.parent.glob("steps-18.json.rejected-*")
+    assert aside.read_text() == content and not path.exists()  # kept for inspection, never deleted
+    store.write(make_row(fid=1.0))  # the recomputed point
+    assert store.get("3f2a9c1b7d0e", 18)["fid"] == 1.0 and len(store.rows()) == 1
+
+
+def test_row_copied_from_another_configuration_is_not_used(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    source = store.write(make_row("aaaaaaaaaaaa", 18, fid=1.0))
+    copy = store.path("bbbbbbbbbbbb", 18)
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(source.read_bytes())
+    wrong_steps = store.path("aaaaaaaaaaaa", 9)
+    wrong_steps.write_bytes(source.read_bytes())
+    wrong_repeat = store.path("aaaaaaaaaaaa", 18, repeat=2)
+    wrong_repeat.write_bytes(source.read_bytes())
+    with pytest.warns(RuntimeWarning) as record:
+        rows = store.rows()
+    assert [(r["config_hash"], r["num_steps"], r["repeat"]) for r in rows] == [("aaaaaaaaaaaa", 18, 0)]
+    assert sorted(Path(str(w.message).split(": ")[0].split()[-1]).name for w in record) == \
+        ["steps-18-r2.json", "steps-18.json", "steps-9.json"]
+    assert all("copied from elsewhere" in str(w.message) for w in record)
+    with pytest.warns(RuntimeWarning, match="bbbbbbbbbbbb"):
+        assert store.get("bbbbbbbbbbbb", 18) is None
+
+
+def test_report_ignores_unusable_rows(tmp_path: Path) -> None:
+    from edm_lab.report.report import write_report
+
+    store = ResultsStore(tmp_path / "results")
+    store.write(make_row("aaaaaaaaaaaa", 4))
+    store.write(make_row("aaaaaaaaaaaa", 8))
+    junk = store.path("cccccccccccc", 4)
+    junk.parent.mkdir(parents=True)
+    junk.write_text('{"a": 1}')
+    with pytest.warns(RuntimeWarning, match="cccccccccccc"):
+        write_report(store.load(), tmp_path / "reports")
+    frame = pd.read_csv(tmp_path / "reports" / "results.csv")
+    assert len(frame) == 2 and set(frame["config_hash"]) == {"aaaaaaaaaaaa"} and "a" not in frame.columns
+
+
+def test_stale_temp_files_of_killed_writers_are_removed_but_not_live_ones(tmp_path: Path) -> None:
+    from edm_lab.atomic import atomic_file
+
+    store = ResultsStore(tmp_path)
+    store.write(make_row(steps=4))
+    row_dir = store.path("3f2a9c1b7d0e", 4).parent
+    # A writer killed with SIGKILL mid-write: its temp file stays, with nobody holding its lock.
+    code = ("import os, sys; from edm_lab.atomic import atomic_file\n"
+            f"with atomic_file({str(row_dir / 'steps-9.json')!r}) as fh:\n"
+            "    fh.write(b'{\"half'); fh.flush(); os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -9
+    (dead,) = row_dir.glob(".steps-9.json.*.tmp")
+    assert store.remove_stale_temp_files() == []  # too young: its writer may not have locked it yet
+    old = time.time() - 60
+    os.utime(dead, (old, old))
+    with atomic_file(row_dir / "steps-18.json") as fh:  # a live writer, mid-write
+        fh.write(b"{")
+        (live,) = [p for p in row_dir.glob(".steps-18.json.*.tmp")]
+        os.utime(live, (old, old))
+        assert store.remove_stale_temp_files() == [dead]
+        assert live.exists() and not dead.exists()
+    assert sorted(p.name for p in row_dir.iterdir()) == ["steps-18.json", "steps-4.json"]
+
+
+def test_a_full_disk_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ResultsStore(tmp_path)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        store.write(make_row(steps=4))
+    path = store.path("3f2a9c1b7d0e", 4)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert str(path) in str(info.value) and not any(path.parent.iterdir())

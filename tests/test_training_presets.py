@@ -110,13 +110,13 @@ def test_paper_presets_train_end_to_end_on_digits(tmp_path, monkeypatch, preset,
     seen = {}
     fit = L.Trainer.fit
 
-    def spy(trainer, module, datamodule=None, ckpt_path=None):
+    def spy(trainer, module, datamodule=None, ckpt_path=None, **kwargs):
         seen.update(clip=trainer.gradient_clip_val, items=len(datamodule.train_set), lr=module.lr,
                     halflife=module.ema_halflife_kimg, noise=type(module.loss.noise).__name__,
                     weighting=type(module.loss.weighting).__name__,
                     augment_p=module.augment_pipe.p if module.augment_pipe is not None else None,
                     start={k: v.clone() for k, v in module.net.state_dict().items()})
-        return fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
     monkeypatch.setattr(L.Trainer, "fit", spy)
     cfg = compose_cfg(tmp_path, f"experiment={preset}", "data=digits", "data.resolution=8", "data.limit=64",

@@ -57,16 +57,23 @@ def round_sigma(net: Denoiser, sigma: Tensor) -> Tensor:
     return sigma if fn is None else fn(sigma)
 
 
-def time_steps(net: Denoiser, num_steps: int, schedule: Schedule, discretization: Discretization,
-               device: torch.device | str = "cpu") -> tuple[Tensor, Schedule]:
-    """t_0 > ... > t_{N-1} > t_N = 0 and the schedule fitted to the sampler's noise range."""
+def noise_levels(net: Denoiser, num_steps: int, discretization: Discretization,
+                 device: torch.device | str = "cpu") -> tuple[Tensor, tuple[float, float]]:
+    """sigma_0 > ... > sigma_{N-1}, rounded as the denoiser rounds, and the noise range they span."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     sigma_min, sigma_max = discretization.noise_range(getattr(net, "sigma_min", 0.0),
                                                       getattr(net, "sigma_max", math.inf))
-    schedule = schedule.fit(sigma_min, sigma_max)
     sigma_steps = discretization.sigma_steps(num_steps, sigma_min, sigma_max, dtype=torch.float64, device=device)
-    t_steps = schedule.sigma_inv(round_sigma(net, sigma_steps))
+    return round_sigma(net, sigma_steps), (sigma_min, sigma_max)
+
+
+def time_steps(net: Denoiser, num_steps: int, schedule: Schedule, discretization: Discretization,
+               device: torch.device | str = "cpu") -> tuple[Tensor, Schedule]:
+    """t_0 > ... > t_{N-1} > t_N = 0 and the schedule fitted to the sampler's noise range."""
+    levels, (sigma_min, sigma_max) = noise_levels(net, num_steps, discretization, device)
+    schedule = schedule.fit(sigma_min, sigma_max)
+    t_steps = schedule.sigma_inv(levels)
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])]), schedule
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from edm_lab.design.churn import Churn
 from edm_lab.design.discretizations import EDMDiscretization
-from edm_lab.design.sampler import PerSampleNoise, SampleResult, sample, time_steps
+from edm_lab.design.sampler import PerSampleNoise, SampleResult, noise_levels, sample
 from edm_lab.design.schedules import LinearSchedule, NoScaling
 from edm_lab.design.solvers import SecondOrder
 from edm_lab.evaluate.features import FlattenFeatures, FrechetDistance
@@ -269,10 +269,14 @@ def rms_from_squared_errors(squared_error: Tensor, elements_per_sample: int) -> 
     return math.sqrt(total / (len(squared_error) * elements_per_sample))
 
 
-def start_sigma(net: nn.Module, num_steps: int, schedule, discretization) -> float:
-    """The noise level sigma(t_0) a sampler starts from (after clamping and rounding)."""
-    t_steps, fitted = time_steps(net, num_steps, schedule, discretization)
-    return float(fitted.sigma(t_steps[0]))
+def start_sigma(net: nn.Module, num_steps: int, discretization) -> float:
+    """The noise level a sampler starts from: the discretization's first level, clamped and rounded.
+
+    Taken before the schedule's round trip sigma(sigma^-1(.)), which adds float noise (80 becomes
+    80.00000000000001 through the VP schedule): every schedule starting at one level shares one
+    reference solution.
+    """
+    return float(noise_levels(net, num_steps, discretization)[0][0])
 
 
 def reference_sampler(sigma_start: float, num_steps: int = 512, sigma_min: float = 0.002) -> Sampler:

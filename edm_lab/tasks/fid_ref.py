@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from edm_lab.evaluate import reference as ref
+from edm_lab.tasks import schema
 from edm_lab.tasks.sample import build_frechet
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,8 @@ log = logging.getLogger(__name__)
 
 def run_fid_ref(cfg: DictConfig) -> Path:
     """Compute (or reuse from the cache) the data set's statistics and write them to `task.dest`."""
+    schema.check(cfg)  # run.py checked it already; direct callers get the same check
     dest = Path(str(cfg.task.dest)).expanduser()
-    if dest.suffix != ".npz":
-        raise ValueError(f"task.dest={dest} must name a .npz file")
-    if dest.is_dir():
-        raise ValueError(f"task.dest={dest} is a folder; name the .npz file to write")
-    if cfg.metric.get("reference"):
-        raise ValueError(f"task=fid_ref extracts the data set's own statistics; unset "
-                         f"metric.reference={cfg.metric.reference}")
     dataset = instantiate(cfg.data)
     # The sample and train tasks' own path and cache: the statistics written here are the ones they
     # measure against. Extracted on the configured trainer's device.

@@ -39,6 +39,8 @@ from edm_lab.evaluate.sampling import (
     rms_from_squared_errors,
     start_sigma,
 )
+from edm_lab.tasks import schema
+from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.images import grid_items, save_images
 from edm_lab.track.store import ResultsStore, config_hash
 from edm_lab.track.tracking import CurveTracker
@@ -52,34 +54,7 @@ AXES = ("schedule", "scaling", "discretization", "solver", "churn")
 # (each repeat is its own row of the same configuration, so raising it reuses the rows stored).
 HASHED = ("data", "model", "precond", *AXES, "metric", "num_samples", "seed")
 # Overrides of these keys change neither the numbers nor the label.
-UNHASHED_PREFIXES = ("nfe.", "logger.", "paths.", "trainer.", "hydra.", "metric.batch_size")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work, found before any sampling starts."""
-
-
-def validate(cfg: DictConfig) -> list[int]:
-    """Check the plain numbers of the config; return the sorted, de-duplicated step list."""
-    steps = cfg.nfe.steps
-    if steps is None or len(steps) == 0:
-        raise ConfigError("nfe.steps is empty: give at least one step count, e.g. nfe.steps=[9,18]")
-    for s in steps:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
-            raise ConfigError(f"nfe.steps must hold integers >= 1, got {s!r}")
-    if cfg.num_samples < 2:
-        raise ConfigError(f"num_samples must be >= 2 (a Frechet distance needs a covariance), got {cfg.num_samples}")
-    repeats = cfg.repeats
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ConfigError(f"repeats must be an integer >= 1 (disjoint seed ranges of num_samples each), got {repeats!r}")
-    export = cfg.export_images
-    if export is not None and (not isinstance(export, str) or not export.strip()):
-        raise ConfigError(f"export_images must be null or a folder path, got {export!r}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.metric.reference_steps < 2:
-        raise ConfigError(f"metric.reference_steps must be >= 2, got {cfg.metric.reference_steps}")
-    return sorted(set(int(s) for s in steps))
+UNHASHED_PREFIXES = ("nfe.", "logger.", "paths.", "trainer.", "hydra.", "limits.", "metric.batch_size")
 
 
 def git_commit(root: Path) -> str:
@@ -121,7 +96,8 @@ def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str],
 def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str] = (),
                sweep: str = "local", project_root: Path | None = None) -> list[dict[str, Any]]:
     """Evaluate the configured sampler at each step count and repeat; returns the rows (stored or reused)."""
-    steps_list = validate(cfg)
+    schema.check(cfg)  # run.py checked it already; direct callers get the same check
+    steps_list = schema.steps(cfg)
     axes = {name: instantiate(cfg[name]) for name in AXES}  # raises on bad values before any work
     trainer = instantiate(cfg.trainer)  # an unavailable accelerator fails here, before any output
     dataset = instantiate(cfg.data)
@@ -152,8 +128,8 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
         for repeat in range(cfg.repeats):
             references.clear()
             for num_steps in steps_list:
-                row = None if cfg.force else store.get(identity["config_hash"], num_steps, repeat)
-                # Rank 0 decides (once the ranks are connected): all must sample, or none.
+                # Rank 0 reads (an unusable row is moved aside once) and decides: all ranks sample, or none.
+                row = store.get(identity["config_hash"], num_steps, repeat) if main and not cfg.force else None
                 row = trainer.strategy.broadcast(row)
                 samples = None
                 if row is not None:
@@ -261,7 +237,7 @@ def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, An
     one-off reference solution; `images_per_second` counts sampling alone (the slowest rank).
     """
     first_seed = int(cfg.seed) + repeat * int(cfg.num_samples)
-    sigma0 = start_sigma(net, num_steps, axes["schedule"], axes["discretization"])
+    sigma0 = start_sigma(net, num_steps, axes["discretization"])
     reference = None  # a stochastic sampler does not converge to the ODE's solution: no truncation error
     if cfg.metric.sampler_error and not axes["churn"].stochastic:
         if (sigma0, first_seed) not in references:

@@ -21,13 +21,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from edm_lab.checkpoints.resume import check_resume_checkpoint
 from edm_lab.checkpoints.snapshot import save_checkpoint
 from edm_lab.data.datamodule import ImageDataModule
 from edm_lab.design.losses import DenoisingLoss
 from edm_lab.design.sampler import sample
 from edm_lab.evaluate.sampling import SamplingModule, frechet_from_features
 from edm_lab.nets.denoisers import network_denoiser
-from edm_lab.tasks.sample import AXES, ConfigError, build_frechet, git_commit
+from edm_lab.tasks import schema
+from edm_lab.tasks.sample import AXES, build_frechet, git_commit
+from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.store import ResultsStore, config_hash
 from edm_lab.train.module import DiffusionModule
 
@@ -43,21 +46,6 @@ def batch_split(cfg: DictConfig, world_size: int) -> tuple[int, int]:
         raise ConfigError(f"task.batch_size={t.batch_size} is not task.batch_gpu={t.batch_gpu} x {world_size} "
                           "devices x an integer number of accumulation rounds")
     return batch_gpu, rounds
-
-
-def validate(cfg: DictConfig) -> None:
-    """Plain numbers of the training config, checked before any work."""
-    t = cfg.task
-    for key in ("batch_size", "duration_kimg", "snapshot_kimg", "log_kimg", "lr", "ema_halflife_kimg", "loss_scaling"):
-        if not t[key] > 0:
-            raise ConfigError(f"task.{key} must be > 0, got {t[key]}")
-    for key in ("lr_rampup_kimg", "eval_kimg"):
-        if t[key] < 0:
-            raise ConfigError(f"task.{key} must be >= 0, got {t[key]}")
-    if t.grad_clip is not None and not t.grad_clip > 0:
-        raise ConfigError(f"task.grad_clip must be > 0 or null, got {t.grad_clip}")
-    if t.resume is not None and not Path(t.resume).is_file():
-        raise ConfigError(f"task.resume={t.resume} does not exist")
 
 
 class EvaluateEMA(L.Callback):
@@ -93,8 +81,13 @@ class EvaluateEMA(L.Callback):
 def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
               project_root: Path | None = None) -> dict[str, Any]:
     """Train; returns the final evaluation and where the checkpoints went."""
-    validate(cfg)
+    schema.check(cfg)  # run.py checked it already; direct callers get the same check
     t = cfg.task
+    if t.resume is not None:
+        try:
+            check_resume_checkpoint(t.resume)  # weights-only, before anything is built or logged
+        except ValueError as exc:
+            raise ConfigError(f"task.resume={t.resume}: {exc}") from None
     axes = {name: instantiate(cfg[name]) for name in AXES}
     loss = DenoisingLoss(instantiate(cfg.noise), instantiate(cfg.weighting))
     augment_pipe = instantiate(cfg.augment) if cfg.get("augment") else None
@@ -106,7 +99,7 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
     module = DiffusionModule(denoiser, loss, batch_size=t.batch_size, augment_pipe=augment_pipe, lr=t.lr,
                              betas=tuple(t.betas), eps=t.eps, lr_rampup_kimg=t.lr_rampup_kimg,
                              ema_halflife_kimg=t.ema_halflife_kimg, ema_rampup_ratio=t.ema_rampup_ratio,
-                             loss_scaling=t.loss_scaling)
+                             loss_scaling=t.loss_scaling, seed=cfg.seed)
 
     output_dir = Path(cfg.paths.output_dir)
     steps = math.ceil(t.duration_kimg * 1000 / t.batch_size)  # optimizer steps (Lightning's global_step)
@@ -114,11 +107,12 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
                                   auto_insert_metric_name=False,  # no '=' in file names: they go into overrides
                                   save_last=True, every_n_train_steps=max(1, round(t.snapshot_kimg * 1000 / t.batch_size)))
     trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=[checkpoints], enable_checkpointing=True,
-                          log_every_n_steps=max(1, round(t.log_kimg * 1000 / t.batch_size)),
-                          logger=_kimg_axis(instantiate(cfg.logger), str(cfg.metric.name)) if cfg.get("logger") else False,
+                          log_every_n_steps=max(1, round(t.log_kimg * 1000 / t.batch_size)), logger=False,
                           use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
                           gradient_clip_val=t.grad_clip, gradient_clip_algorithm="norm")
     batch_gpu, trainer.accumulate_grad_batches = batch_split(cfg, trainer.world_size)
+    if cfg.get("logger"):  # attached once the batch split is known to work: a refused run leaves no W&B run
+        trainer.logger = _kimg_axis(instantiate(cfg.logger), str(cfg.metric.name))
     if t.eval_kimg:
         # Built once the trainer knows its device: the data set's reference features are extracted there.
         evaluate = _evaluator(cfg, choices, dataset, axes, sweep, project_root, trainer.strategy.root_device)
@@ -128,7 +122,7 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
                            use_labels=t.class_conditional, start=lambda: module.cur_nimg)
     began = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=t.resume)
+        trainer.fit(module, datamodule=data, ckpt_path=t.resume, weights_only=True)
     finally:
         _finish_wandb(trainer)
     result = {"kimg": module.kimg, "seconds": time.perf_counter() - began, "checkpoints": str(checkpoints.dirpath)}

@@ -7,19 +7,27 @@ written before repeats existed, whose rows count as repeat 0) and
 launcher can write into one store at once and an interrupted run never leaves a half-written
 row behind: a reader sees either the previous complete file or the new complete file.
 
-Deliberately free of hydra/lightning/wandb so reports can be rebuilt from a bare checkout.
+A row is used only if it is a JSON object with the required keys (`REQUIRED`) and its
+`config_hash`, `num_steps` and `repeat` match its path: a row copied into another configuration's
+folder, or a hand-edited `{}`, is never reused or reported. `get` moves such a file aside
+(`<name>.rejected-<time>`, kept for inspection) so its point is recomputed; `rows` skips it. Both
+warn, naming the file. Temp files left by killed writers are removed by `remove_stale_temp_files`.
+
+Deliberately free of hydra/lightning/wandb (and torch) so reports can be rebuilt from a bare checkout.
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
+import os
 import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from edm_lab.atomic import atomic_write_text
+from edm_lab.atomic import atomic_write_text, remove_stale_temp_files
 
 if TYPE_CHECKING:  # pandas is only needed by `load`; keep worker imports cheap.
     import pandas
@@ -31,6 +39,8 @@ _ROW_GLOB = "steps-*.json"
 _ROW_NAME = re.compile(r"^steps-(-?\d+)(?:-r(\d+))?\.json$")
 # A hash becomes a directory name: refuse anything that could escape the store or hide.
 _SAFE_HASH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+# What every row must hold to be used, with its type (repeat is optional: old rows are repeat 0).
+REQUIRED: dict[str, type] = {"config_hash": str, "num_steps": int, "nfe": int, "label": str}
 
 
 def _plain(obj: Any) -> Any:
@@ -110,26 +120,58 @@ class ResultsStore:
         return self.rows_dir / _hash_key(config_hash) / f"steps-{_steps_key(num_steps)}{suffix}.json"
 
     @staticmethod
-    def _read(path: Path, repeat: int = 0) -> dict | None:
+    def _problem(row: Any, config_hash: str, num_steps: int, repeat: int) -> str | None:
+        """Why `row`, read from the file of (config_hash, num_steps, repeat), cannot be used (None: it can)."""
+        if not isinstance(row, dict):
+            return "not a JSON object"
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            return f"missing required keys {missing}"
+        for key, kind in REQUIRED.items():
+            if not isinstance(row[key], kind) or isinstance(row[key], bool):
+                return f"{key}={row[key]!r} is not a {kind.__name__}"
+        found = (row["config_hash"], row["num_steps"], row.get("repeat", 0))
+        if found != (config_hash, num_steps, repeat):
+            return (f"it holds config_hash={found[0]}, num_steps={found[1]}, repeat={found[2]!r} but its path says "
+                    f"{config_hash}, {num_steps}, {repeat} (copied from elsewhere?)")
+        return None
+
+    def _read(self, path: Path, config_hash: str, num_steps: int, repeat: int) -> tuple[dict | None, str | None]:
+        """(row, None) for a usable row, (None, reason) for an unusable file, (None, None) for none."""
         try:
             row = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return None
+            return None, None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable result row {path}: {exc}", RuntimeWarning, stacklevel=3)
-            return None
-        if not isinstance(row, dict):
-            warnings.warn(f"skipping result row {path}: not a JSON object", RuntimeWarning, stacklevel=3)
-            return None
+            return None, f"unreadable ({exc})"
+        problem = self._problem(row, config_hash, num_steps, repeat)
+        if problem:
+            return None, problem
         row.setdefault("repeat", repeat)  # rows written before repeats existed are repeat 0
-        return row
+        return row, None
 
     def get(self, config_hash: str, num_steps: int, repeat: int = 0) -> dict | None:
-        """The stored row (its `repeat` always set), or None if absent (or unreadable, with a warning)."""
-        return self._read(self.path(config_hash, num_steps, repeat), _repeat_key(repeat))
+        """The stored row (its `repeat` always set), or None if absent or unusable.
+
+        An unusable file is moved aside (never deleted) with a warning naming it, so the point is
+        recomputed and the file can still be inspected.
+        """
+        path = self.path(config_hash, num_steps, repeat)
+        row, problem = self._read(path, config_hash, _steps_key(num_steps), _repeat_key(repeat))
+        if problem:
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            aside = path.with_name(f"{path.name}.rejected-{stamp}")
+            try:
+                os.replace(path, aside)
+                where = f"moved to {aside.name}"
+            except OSError as exc:
+                where = f"left in place ({exc.strerror})"
+            warnings.warn(f"result row {path} is not usable: {problem}; {where}, the point will be recomputed",
+                          RuntimeWarning, stacklevel=2)
+        return row
 
     def has(self, config_hash: str, num_steps: int, repeat: int = 0) -> bool:
-        """Whether a readable row exists: a corrupt file counts as missing so it gets redone."""
+        """Whether a usable row exists (an unusable file counts as missing, and is moved aside)."""
         return self.get(config_hash, num_steps, repeat) is not None
 
     def write(self, row: Mapping) -> Path:
@@ -137,7 +179,7 @@ class ResultsStore:
 
         The row's `repeat` (default 0) is part of its key: each repeat of a point is its own file.
         """
-        for key in ("config_hash", "num_steps"):
+        for key in REQUIRED:
             if key not in row:
                 raise ValueError(f"result row is missing required key {key!r}")
         path = self.path(row["config_hash"], row["num_steps"], row.get("repeat", 0))
@@ -145,7 +187,13 @@ class ResultsStore:
         text = json.dumps(dict(row), indent=1, allow_nan=True, default=_json_default)
         return atomic_write_text(path, text + "\n")
 
-    def _row_paths(self) -> list[tuple[Path, int]]:
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temp files of writers that died mid-write (never a live writer's); returns them."""
+        if not self.rows_dir.is_dir():
+            return []
+        return [p for folder in self.rows_dir.iterdir() if folder.is_dir() for p in remove_stale_temp_files(folder)]
+
+    def _row_paths(self) -> list[tuple[str, int, int, Path]]:
         if not self.rows_dir.is_dir():
             return []
         found = []
@@ -154,14 +202,16 @@ class ResultsStore:
             if match and path.is_file():
                 found.append((path.parent.name, int(match.group(1)), int(match.group(2) or 0), path))
         found.sort(key=lambda t: t[:3])
-        return [(p, repeat) for _, _, repeat, p in found]
+        return found
 
     def rows(self) -> list[dict]:
-        """All readable rows, ordered by (config_hash, num_steps, repeat); bad files are warned about and skipped."""
+        """All usable rows, ordered by (config_hash, num_steps, repeat); other files are warned about and skipped."""
         out = []
-        for path, repeat in self._row_paths():
-            row = self._read(path, repeat)
-            if row is not None:
+        for config_hash, num_steps, repeat, path in self._row_paths():
+            row, problem = self._read(path, config_hash, num_steps, repeat)
+            if problem:
+                warnings.warn(f"skipping result row {path}: {problem}", RuntimeWarning, stacklevel=2)
+            elif row is not None:
                 out.append(row)
         return out
 

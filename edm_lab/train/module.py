@@ -25,14 +25,14 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, denoiser: nn.Module, loss: DenoisingLoss, batch_size: int,
                  augment_pipe: nn.Module | None = None, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, lr_rampup_kimg: float = 10_000, ema_halflife_kimg: float = 500,
-                 ema_rampup_ratio: float | None = 0.05, loss_scaling: float = 1.0) -> None:
+                 ema_rampup_ratio: float | None = 0.05, loss_scaling: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         self.net = denoiser
         self.ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
         self.loss, self.augment_pipe, self.batch_size = loss, augment_pipe, batch_size
         self.lr, self.betas, self.eps, self.lr_rampup_kimg = lr, tuple(betas), eps, lr_rampup_kimg
         self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
-        self.loss_scaling = loss_scaling
+        self.loss_scaling, self.seed = loss_scaling, seed
         self.cur_nimg = 0
         self._rng_to_restore: dict[str, Any] | None = None  # a checkpoint's RNG states, until training starts
 
@@ -82,9 +82,16 @@ class DiffusionModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
-        # Restored last, after Lightning's own setup, so the first resumed step draws what it would have.
+        # Set last, after Lightning's own setup, so the first step draws the same noise levels, noise and
+        # dropout masks in every run of this seed (a resumed run: what it would have drawn).
         states = self._rng_to_restore
-        if states:
+        if not states:
+            # Each rank its own stream, as the reference: seed * world_size + rank.
+            rank_seed = (self.seed * self.trainer.world_size + self.trainer.global_rank) % (1 << 31)
+            random.seed(rank_seed)
+            np.random.seed(rank_seed)
+            torch.manual_seed(rank_seed)  # CUDA generators too
+        else:
             torch.set_rng_state(states["torch"])
             numpy_state = states["numpy"]
             np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
