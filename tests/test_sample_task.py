@@ -141,3 +141,15 @@ def test_schedules_starting_at_one_noise_level_share_one_reference_solution(tmp_
         rows += run_sample(cfg, {**CHOICES, "schedule": schedule})
     assert {r["sigma_start"] for r in rows} == {80.0}
     assert len(list((tmp_path / ".cache" / "references").glob("*.pt"))) == 1
+
+
+def test_a_refused_checkpoint_is_one_line_naming_the_key_and_file(tmp_path):
+    from edm_lab.tasks.schema import ConfigError
+
+    bad = tmp_path / "net.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a safetensors header without our metadata
+    cfg = compose_cfg(tmp_path, *TINY, "model=checkpoint", f"model.path={bad}", "logger=wandb")
+    with pytest.raises(ConfigError) as info:
+        run_sample(cfg, {**CHOICES, "model": "checkpoint"})
+    assert str(info.value).startswith(f"model.path={bad}: checkpoint {bad}")
+    assert not (tmp_path / "results" / "rows").exists() and not list(tmp_path.rglob("wandb"))

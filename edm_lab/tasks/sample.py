@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from edm_lab.atomic import atomic_torch_save, atomic_write_text, cached
+from edm_lab.checkpoints.official import OfficialCheckpointError
 from edm_lab.checkpoints.snapshot import file_sha256
 from edm_lab.design.sampler import sample
 from edm_lab.evaluate import reference as ref
@@ -104,7 +105,11 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     if cfg.export_images is not None and not dataset.is_image:
         raise ConfigError(f"export_images writes PNG files, but data {dataset.name!r} has samples shaped "
                           f"{tuple(dataset.sample_shape)}; set export_images=null")
-    net = instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
+    try:
+        net = instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
+    except (ValueError, OSError, OfficialCheckpointError) as exc:  # a loader's refusal, naming the file: one line
+        key = f"model.path={cfg.model.path}" if "path" in cfg.model else f"model={choices.get('model')}"
+        raise ConfigError(f"{key}: {exc}") from exc
     # FID weights are checked here, before any sampling; the data set's features are extracted on the
     # trainer's device (the Inception features of 50k images take hours on a CPU).
     frechet = build_frechet(cfg, dataset, trainer.strategy.root_device)
