@@ -394,3 +394,20 @@ def test_a_full_disk_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     path = store.path("3f2a9c1b7d0e", 4)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert str(path) in str(info.value) and not any(path.parent.iterdir())
+
+
+def test_rows_are_strict_json(tmp_path: Path) -> None:
+    """Non-finite numbers are spelled "NaN"/"Infinity" so that any JSON parser reads a row; they read back as floats."""
+    store = ResultsStore(tmp_path)
+    path = store.write(make_row(fid=math.nan, fd_raw=-math.inf, nested=[math.inf, 1.0]))
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    raw = json.loads(path.read_text(), parse_constant=refuse)
+    assert (raw["S_max"], raw["fid"], raw["fd_raw"], raw["nested"]) == ("Infinity", "NaN", "-Infinity", ["Infinity", 1.0])
+    back = store.get("3f2a9c1b7d0e", 18)
+    assert back["S_max"] == math.inf and math.isnan(back["fid"]) and back["nested"] == [math.inf, 1.0]
+    # Rows written before, with bare Infinity/NaN, still read.
+    path.write_text(path.read_text().replace('"Infinity"', "Infinity"))
+    assert store.get("3f2a9c1b7d0e", 18)["S_max"] == math.inf

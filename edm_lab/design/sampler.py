@@ -1,9 +1,10 @@
 """One sampler for every combination of the sampling axes (Algorithm 1 + 2 of the paper).
 
-`sample` integrates the probability-flow ODE
-    dx/dt = (sigma'(t)/sigma(t) + s'(t)/s(t)) x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t))
-from t_0 down to t_N = 0 over the time steps of a discretization, optionally raising the noise
-level before each step (churn). The state is float64; the last step is always Euler.
+`sample` takes x from t_0 down to t_N = 0 over the time steps of a discretization with a solver
+(`edm_lab.design.solvers`); the ODE solvers integrate the probability-flow ODE
+    dx/dt = (sigma'(t)/sigma(t) + s'(t)/s(t)) x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t)),
+optionally raising the noise level before each step (churn, Algorithm 2). The state is float64.
+`Problem` is what every solver is handed.
 """
 from __future__ import annotations
 
@@ -17,9 +18,17 @@ from torch import Tensor
 from edm_lab.design.churn import Churn
 from edm_lab.design.discretizations import Discretization, EDMDiscretization
 from edm_lab.design.schedules import LinearSchedule, NoScaling, Scaling, Schedule
-from edm_lab.design.solvers import SecondOrder, euler_step
+from edm_lab.design.solvers import SecondOrder
 
 RandnLike = Callable[[Tensor], Tensor]
+
+
+class Solver(Protocol):
+    """Runs a whole trajectory: `solver(problem, x at t_0) -> x at t_N = 0` (see `edm_lab.design.solvers`)."""
+
+    stochastic: bool
+
+    def __call__(self, problem: "Problem", x: Tensor) -> Tensor: ...
 
 
 class Denoiser(Protocol):
@@ -77,46 +86,95 @@ def time_steps(net: Denoiser, num_steps: int, schedule: Schedule, discretization
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])]), schedule
 
 
+@dataclass
+class Problem:
+    """What every solver is handed: the time steps t_0 > ... > t_N = 0, the probability-flow ODE of the
+    fitted schedule and bound scaling around the counted denoiser, churn and the per-seed noise source."""
+
+    net: Denoiser
+    t_steps: Tensor
+    schedule: Schedule
+    scaling: Scaling
+    churn: Churn
+    class_labels: Tensor | None = None
+    randn_like: RandnLike = torch.randn_like
+    progress: Callable[[Iterable], Iterable] | None = None
+
+    def __post_init__(self) -> None:
+        self.D = CountingDenoiser(self.net)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.t_steps) - 1
+
+    def steps(self) -> Iterable[tuple[int, Tensor, Tensor]]:
+        """(i, t_i, t_{i+1}) for every step."""
+        steps = [(i, t_cur, t_next) for i, (t_cur, t_next) in enumerate(zip(self.t_steps[:-1], self.t_steps[1:]))]
+        return self.progress(steps) if self.progress else steps
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.schedule.sigma(t)
+
+    def sigma_deriv(self, t: Tensor) -> Tensor:
+        return self.schedule.sigma_deriv(t)
+
+    def s(self, t: Tensor) -> Tensor:
+        return self.scaling.s(t)
+
+    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
+        """D(x / s(t); sigma(t)) in float64: one denoiser evaluation."""
+        return self.D(x / self.s(t), self.sigma(t), self.class_labels).to(torch.float64)
+
+    def drift(self, x: Tensor, t: Tensor, denoised: Tensor) -> Tensor:
+        """dx/dt of the probability-flow ODE at (x, t), given D's output there."""
+        sigma, sigma_deriv, s, s_deriv = self.sigma(t), self.sigma_deriv(t), self.s(t), self.scaling.s_deriv(t)
+        return (sigma_deriv / sigma + s_deriv / s) * x - sigma_deriv * s / sigma * denoised
+
+    def dx_dt(self, x: Tensor, t: Tensor) -> Tensor:
+        """dx/dt of the probability-flow ODE: one denoiser evaluation."""
+        return self.drift(x, t, self.denoise(x, t))
+
+    def churn_up(self, x: Tensor, i: int, t_cur: Tensor) -> tuple[Tensor, Tensor]:
+        """Algorithm 2, lines 4-6: raise the noise level to sigma_hat = sigma (1 + gamma_i) with fresh noise.
+
+        Draws noise at every step, as the reference does (zero-scaled where gamma_i = 0), so that
+        a per-seed generator gives the same image whatever the batch size.
+        """
+        sigma, s, churn = self.sigma, self.s, self.churn
+        sigma_cur = sigma(t_cur)
+        gamma = churn.gamma(float(sigma_cur), self.num_steps)
+        t_hat = self.schedule.sigma_inv(round_sigma(self.net, sigma_cur + gamma * sigma_cur))
+        noise_std = (sigma(t_hat) ** 2 - sigma_cur ** 2).clip(min=0).sqrt() * s(t_hat) * churn.S_noise
+        return s(t_hat) / s(t_cur) * x + noise_std * self.randn_like(x), t_hat
+
+
 def sample(net: Denoiser, latents: Tensor, num_steps: int, *,
            schedule: Schedule | None = None, scaling: Scaling | None = None,
-           discretization: Discretization | None = None, solver=None, churn: Churn | None = None,
+           discretization: Discretization | None = None, solver: Solver | None = None, churn: Churn | None = None,
            class_labels: Tensor | None = None, randn_like: RandnLike = torch.randn_like,
            progress: Callable[[Iterable], Iterable] | None = None) -> SampleResult:
     """Draw samples from standard-normal `latents` with the chosen design axes.
 
     Defaults are the EDM choices: sigma(t) = t, s(t) = 1, the rho = 7 discretization, Heun.
-    `randn_like` supplies the churn noise (one draw per step, as in the reference, so a
-    per-seed generator gives the same image whatever the batch size).
+    `randn_like` supplies the solver's fresh noise (churn, or a stochastic solver's steps), so a
+    per-seed generator gives the same image whatever the batch size.
     """
-    schedule = schedule or LinearSchedule()
-    scaling = scaling or NoScaling()
-    discretization = discretization or EDMDiscretization()
     solver = solver or SecondOrder(alpha=1.0)
     churn = churn or Churn()
-    D = CountingDenoiser(net)
+    if solver.stochastic and churn.stochastic:
+        raise ValueError(f"churn (Algorithm 2) raises the noise level of the ODE solvers; {solver!r} is stochastic "
+                         "itself: use churn=none")
+    t_steps, schedule = time_steps(net, num_steps, schedule or LinearSchedule(), discretization or EDMDiscretization(),
+                                   device=latents.device)
+    problem = Problem(net, t_steps, schedule, (scaling or NoScaling()).bind(schedule), churn, class_labels,
+                      randn_like, progress)
+    x = latents.to(torch.float64) * (problem.sigma(t_steps[0]) * problem.s(t_steps[0]))
+    return SampleResult(x=solver(problem, x), nfe=problem.D.calls)
 
-    t_steps, schedule = time_steps(net, num_steps, schedule, discretization, device=latents.device)
-    scaling = scaling.bind(schedule)
-    sigma, sigma_deriv, sigma_inv = schedule.sigma, schedule.sigma_deriv, schedule.sigma_inv
-    s, s_deriv = scaling.s, scaling.s_deriv
 
-    def dx_dt(x: Tensor, t: Tensor) -> Tensor:
-        denoised = D(x / s(t), sigma(t), class_labels).to(torch.float64)
-        return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * denoised
-
-    x = latents.to(torch.float64) * (sigma(t_steps[0]) * s(t_steps[0]))
-    steps = list(enumerate(zip(t_steps[:-1], t_steps[1:])))
-    for i, (t_cur, t_next) in (progress(steps) if progress else steps):
-        # Churn: move up to sigma_hat = sigma (1 + gamma) by adding fresh noise.
-        sigma_cur = sigma(t_cur)
-        gamma = churn.gamma(float(sigma_cur), num_steps)
-        t_hat = sigma_inv(round_sigma(net, sigma_cur + gamma * sigma_cur))
-        noise_std = (sigma(t_hat) ** 2 - sigma_cur ** 2).clip(min=0).sqrt() * s(t_hat) * churn.S_noise
-        x = s(t_hat) / s(t_cur) * x + noise_std * randn_like(x)
-        # The step to sigma = 0 is Euler for every solver: a 2nd-order correction there would divide by 0.
-        step = euler_step if i == num_steps - 1 else solver.step
-        x = step(dx_dt, x, t_hat, t_next)
-    return SampleResult(x=x, nfe=D.calls)
+def stochastic(solver: Solver, churn: Churn) -> bool:
+    """Whether sampling adds fresh noise (then there is no ODE solution to measure the error against)."""
+    return solver.stochastic or churn.stochastic
 
 
 class PerSampleNoise:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from edm_lab.atomic import atomic_torch_save, atomic_write_text, cached
 from edm_lab.checkpoints.official import OfficialCheckpointError
 from edm_lab.checkpoints.snapshot import file_sha256
-from edm_lab.design.sampler import sample
+from edm_lab.design.sampler import sample, stochastic
 from edm_lab.evaluate import reference as ref
 from edm_lab.evaluate.features import FrechetDistance
 from edm_lab.evaluate.sampling import (
@@ -244,7 +244,7 @@ def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, An
     first_seed = int(cfg.seed) + repeat * int(cfg.num_samples)
     sigma0 = start_sigma(net, num_steps, axes["discretization"])
     reference = None  # a stochastic sampler does not converge to the ODE's solution: no truncation error
-    if cfg.metric.sampler_error and not axes["churn"].stochastic:
+    if cfg.metric.sampler_error and not stochastic(axes["solver"], axes["churn"]):
         if (sigma0, first_seed) not in references:
             references[(sigma0, first_seed)] = _reference_solution(cfg, trainer, net, dataset, sigma0, first_seed)
         reference = references[(sigma0, first_seed)]

@@ -269,6 +269,9 @@ TARGETS: dict[str, dict[str, Rule]] = {
     "edm_lab.design.discretizations.IDDPMDiscretization": {**NOISE_RANGE, **IDDPM_TABLE},
     "edm_lab.design.solvers.Euler": {},
     "edm_lab.design.solvers.SecondOrder": {"alpha": Real(gt=0, le=1)},
+    "edm_lab.design.solvers.EulerMaruyama": {},
+    "edm_lab.design.solvers.PredictorCorrector": {"snr": POSITIVE, "corrector_steps": Int(lo=0, hi=100)},
+    "edm_lab.design.solvers.Ancestral": {},
     "edm_lab.design.churn.Churn": {"S_churn": NON_NEGATIVE, "S_min": NON_NEGATIVE,
                                    "S_max": Real(ge=0, inf=True), "S_noise": NON_NEGATIVE},
     # preconditioning
@@ -484,6 +487,10 @@ def relation_problems(cfg: DictConfig) -> list[str]:
         lo, hi = _number(cfg, f"{node}.sigma_min"), _number(cfg, f"{node}.sigma_max")
         if _is_number(lo) and _is_number(hi) and not lo < hi:
             out.append(f"{node}.sigma_min={_show(lo)}: expected < {node}.sigma_max={_show(hi)}")
+    churn = _number(cfg, "churn.S_churn")
+    if _solver(cfg)[1] and _is_number(churn) and churn > 0:
+        out.append(f"churn.S_churn={_show(churn)}: expected 0 with a stochastic solver{_choice(cfg, 'solver')}; "
+                   "churn is Algorithm 2's, for the ODE solvers: use churn=none")
     lo, hi = _number(cfg, "churn.S_min"), _number(cfg, "churn.S_max")
     if _is_number(lo) and _is_number(hi) and not lo <= hi:
         out.append(f"churn.S_min={_show(lo)}: expected <= churn.S_max={_show(hi)}")
@@ -537,10 +544,29 @@ def _feature_dim(cfg: DictConfig, sample_elements: int) -> int:
     return sample_elements
 
 
+SOLVERS: dict[str, tuple[Any, bool]] = {
+    "edm_lab.design.solvers.Euler": (lambda n, solver: n, False),
+    "edm_lab.design.solvers.SecondOrder": (lambda n, solver: 2 * n - 1, False),
+    "edm_lab.design.solvers.EulerMaruyama": (lambda n, solver: n, True),
+    "edm_lab.design.solvers.PredictorCorrector": (lambda n, solver: n * (solver.get("corrector_steps", 1) + 1), True),
+    "edm_lab.design.solvers.Ancestral": (lambda n, solver: n, True),
+}
+"""Per solver (edm_lab/design/solvers.py): its denoiser evaluations at N steps, and whether it adds noise itself."""
+
+
+def _solver(cfg: DictConfig) -> tuple[Any, bool]:
+    """(evaluations(N, solver config), stochastic) of the configured solver; unknown ones count 2N."""
+    return SOLVERS.get(str(OmegaConf.select(cfg, "solver._target_")), (lambda n, solver: 2 * n, False))
+
+
 def _nfe(cfg: DictConfig, steps: int) -> int:
-    """Denoiser evaluations of one sample at `steps` steps (the last step is always Euler)."""
-    first_order = str(OmegaConf.select(cfg, "solver._target_")).endswith(".Euler")
-    return steps if first_order else 2 * steps - 1
+    """Denoiser evaluations of one sample at `steps` steps."""
+    return _solver(cfg)[0](steps, _number(cfg, "solver") or {})
+
+
+def stochastic(cfg: DictConfig) -> bool:
+    """Whether the configured sampler adds fresh noise (its solver, or churn)."""
+    return _solver(cfg)[1] or (_number(cfg, "churn.S_churn") or 0) > 0
 
 
 @dataclass(frozen=True)
@@ -559,9 +585,8 @@ def workload(cfg: DictConfig) -> Workload:
     """
     steps = [int(s) for s in _number(cfg, "nfe.steps")]
     num_samples, repeats = int(_number(cfg, "num_samples")), int(_number(cfg, "repeats"))
-    stochastic = (_number(cfg, "churn.S_churn") or 0) > 0
     reference = (2 * int(_number(cfg, "metric.reference_steps")) - 1
-                 if _number(cfg, "metric.sampler_error") and not stochastic else 0)
+                 if _number(cfg, "metric.sampler_error") and not stochastic(cfg) else 0)
     evaluations = float(repeats) * num_samples * (sum(_nfe(cfg, s) for s in steps) + reference)
     elements = _sample_elements(cfg)
     memory = 8.0 * num_samples * (_feature_dim(cfg, elements) + 3 * elements) + BYTES_PER_STEP * max(steps)

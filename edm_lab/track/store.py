@@ -58,19 +58,41 @@ def config_hash(config: Mapping) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def _json_default(obj: Any) -> Any:
-    # numpy / torch scalars: store the Python value, not a string that would not round-trip.
-    item = getattr(obj, "item", None)
-    if callable(item):
+# Strict JSON has no NaN or infinity: rows spell them as these strings, and reading turns them back.
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _encode(value: Any) -> Any:
+    """A row value as strict JSON holds it: numpy/torch scalars as Python numbers, non-finite floats as strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, (str, bytes)):
         try:
             value = item()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several elements: refused below
             pass
-        else:
-            if isinstance(value, (int, float, bool, str)) or value is None:
-                return value
-    if isinstance(obj, Path):
-        return str(obj)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _decode(value: Any) -> Any:
+    """The inverse of `_encode` for what JSON gives back (also reads rows written with bare NaN/Infinity)."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _unserialisable(obj: Any) -> Any:
     raise TypeError(f"result row value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
 
 
@@ -139,7 +161,7 @@ class ResultsStore:
     def _read(self, path: Path, config_hash: str, num_steps: int, repeat: int) -> tuple[dict | None, str | None]:
         """(row, None) for a usable row, (None, reason) for an unusable file, (None, None) for none."""
         try:
-            row = json.loads(path.read_text(encoding="utf-8"))
+            row = _decode(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return None, None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -183,8 +205,7 @@ class ResultsStore:
             if key not in row:
                 raise ValueError(f"result row is missing required key {key!r}")
         path = self.path(row["config_hash"], row["num_steps"], row.get("repeat", 0))
-        # allow_nan=True emits Infinity/NaN, which json.loads reads back to the same floats.
-        text = json.dumps(dict(row), indent=1, allow_nan=True, default=_json_default)
+        text = json.dumps(_encode(dict(row)), indent=1, allow_nan=False, default=_unserialisable)
         return atomic_write_text(path, text + "\n")
 
     def remove_stale_temp_files(self) -> list[Path]:
