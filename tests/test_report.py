@@ -41,7 +41,7 @@ def make_frame() -> pd.DataFrame:
     rows = []
     for i, (label, nfe, fd, rmse, sweep) in enumerate(POINTS):
         rows.append({
-            "config_hash": config_hash({"label": label, "sweep": sweep}), "label": label, "sweep": sweep,
+            "config_hash": config_hash({"label": label}), "label": label, "sweep": sweep,
             "data": "digits", "model": "ideal", "solver": label.split("=")[1].split("|")[0],
             "S_max": math.inf, "num_steps": (nfe + 1) // 2, "nfe": nfe,
             "fd_classifier": fd, "sampler_rmse": rmse, "fd_backbone": "resnet",  # a non-numeric fd_ column
@@ -337,3 +337,100 @@ def test_long_training_runs_show_ten_evaluations(tmp_path: Path) -> None:
     shown = [c.strip() for c in header.split("|")[2:-1]]
     assert len(shown) == 10 and shown[0] == "2500" and shown[-1] == "200000"
     assert "10 of 80 evaluations shown" in text
+
+
+# -- reports that never mislead --------------------------------------------------------------------
+
+def sweep_rows(sweep: str, num_samples: int, values: dict[int, float], solver: str = "heun",
+               start: int = 0) -> list[dict]:
+    label = f"digits/ideal/edm schedule=edm solver={solver}"
+    return [{"config_hash": config_hash({"label": label, "num_samples": num_samples}), "label": label,
+             "sweep": sweep, "solver": solver, "num_samples": num_samples, "seed": 0, "num_steps": nfe, "nfe": nfe,
+             "fd_classifier": value, "time": f"2026-11-23T10:{start + i:02d}:00"}
+            for i, (nfe, value) in enumerate(values.items())]
+
+
+def test_rows_of_different_sample_counts_are_separate_lines(tmp_path: Path) -> None:
+    frame = pd.DataFrame(sweep_rows("a", 1024, {7: 18.0, 35: 1.0}) + sweep_rows("b", 256, {7: 19.0, 35: 1.5}))
+    text = write_report(frame, tmp_path).read_text()
+    header, rows = parse_first_table(section(text, "## fd_classifier"))
+    assert rows == [["num_samples=256", "19", "1.5"], ["num_samples=1024", "18", "1"]]
+    assert "Shared by every configuration below: `data=digits` `model=ideal` `precond=edm` `schedule=edm` " \
+           "`solver=heun` `seed=0`" in text
+    assert "±" not in text  # nothing was averaged
+
+
+def test_identical_words_get_their_hash(tmp_path: Path) -> None:
+    rows = sweep_rows("a", 1024, {7: 18.0})
+    other = dict(rows[0], config_hash="ffffffffffff", fd_classifier=30.0)
+    names, shared = report_mod.configurations(pd.DataFrame([rows[0], other]))
+    assert sorted(names.values()) == [f"(one configuration) [{rows[0]['config_hash'][:8]}]",
+                                      "(one configuration) [ffffffff]"]
+
+
+def test_report_scope(tmp_path: Path) -> None:
+    frame = pd.DataFrame(sweep_rows("2026-11-23/10-00-00", 64, {7: 3.0}, "euler")
+                         + sweep_rows("2026-11-23/11-00-00", 64, {7: 2.0, 35: 1.0}, "heun", start=30))
+    latest, scope = report_mod.select_rows(frame)
+    assert scope == "sweep 2026-11-23/11-00-00" and set(latest["solver"]) == {"heun"} and len(latest) == 2
+    first, _ = report_mod.select_rows(frame, "2026-11-23/10-00-00")
+    assert set(first["solver"]) == {"euler"}
+    everything, scope = report_mod.select_rows(frame, "all", "nfe <= 7")
+    assert scope == "all rows where nfe <= 7" and len(everything) == 2
+    with pytest.raises(ValueError, match="task.sweep=nope: no rows"):
+        report_mod.select_rows(frame, "nope")
+    with pytest.raises(ValueError, match="task.where"):
+        report_mod.select_rows(frame, "all", "no_such_column > 3")
+
+
+def test_report_task_scopes_to_the_latest_sweep(tmp_path: Path) -> None:
+    from edm_lab.tasks.hydra_support import regenerate_report
+    from tests.test_configs import compose_cfg
+
+    store = ResultsStore(tmp_path / "results")
+    for row in sweep_rows("old", 64, {7: 3.0}, "euler") + sweep_rows("new", 64, {7: 2.0}, "heun", start=30):
+        store.write(row)
+    text = regenerate_report(compose_cfg(tmp_path, "task=report")).read_text()
+    assert text.startswith("# edm-lab report: sweep new") and "solver=euler" not in text
+    text = regenerate_report(compose_cfg(tmp_path, "task=report", "task.sweep=all")).read_text()
+    assert text.startswith("# edm-lab report: all rows") and "solver=euler" in text
+
+
+def test_a_configuration_keeps_its_style_in_every_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real = report_mod._render_plot
+
+    def spy(cells, metric, title, x="nfe", styles=None):
+        seen.append((metric, styles, set(cells["label"])))
+        return real(cells, metric, title, x, styles)
+
+    monkeypatch.setattr(report_mod, "_render_plot", spy)
+    frame = make_frame()
+    frame.loc[frame["label"] == EULER, "sampler_rmse"] = math.nan  # EULER is missing from one plot
+    write_report(frame, tmp_path)
+    (m1, styles1, labels1), (m2, styles2, labels2) = seen
+    assert styles1 is styles2 and EULER in labels1 and EULER not in labels2
+    assert len({s["color"] + s["marker"] for s in styles1.values()}) == 3
+
+
+def test_diverged_values_are_marked_not_stretching_the_axis(tmp_path: Path) -> None:
+    frame = pd.DataFrame(sweep_rows("a", 64, {3: 5.558e13, 5: 3.7e12, 7: 8.0, 11: 2.0, 17: 1.0})
+                         + sweep_rows("a", 64, {3: 40.0, 5: 9.0, 7: 3.0, 11: 1.5, 17: 0.9}, "euler"))
+    text = write_report(frame, tmp_path).read_text()
+    header, rows = parse_first_table(section(text, "## fd_classifier"))
+    heun = next(r for r in rows if r[0] == "solver=heun")
+    assert heun[1:3] == ["5.558e+13 †", "3.7e+12 †"] and heun[3] == "8"
+    assert "† diverged: above 5.5e+04 (10000 × the median of these values)" in text
+    cells = report_mod._cells(frame, "fd_classifier")
+    fig = report_mod.plot_figure(cells, "fd_classifier", "t")
+    low, high = fig.axes[0].get_ylim()
+    assert high < 1e6 and high >= report_mod.divergence_cap(cells["value"])  # 4 decades, not 14
+    assert any("diverged" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+
+
+def test_nfe_ticks_never_collide() -> None:
+    nfes = [2, 3, 5, 7, 9, 11, 13, 15, 17, 25, 35, 49, 63, 127, 255, 511]
+    ticks = report_mod.log_ticks(nfes)
+    gaps = [math.log10(b / a) for a, b in zip(ticks, ticks[1:])]
+    assert ticks[0] == 2 and ticks[-1] == 511 and len(ticks) <= 13
+    assert min(gaps) >= math.log10(511 / 2) / 12

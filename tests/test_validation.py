@@ -217,10 +217,11 @@ def _two_compositions_in_the_same_second(tmp_path, monkeypatch, key: str) -> tup
     monkeypatch.chdir(tmp_path)
     register_resolvers()
     frozen = time.strftime("%H-%M-%S")
-    OmegaConf.register_new_resolver("now", lambda pattern: frozen if "H" in pattern else "2026-12-01", replace=True)
     dirs = []
     for _ in range(2):
-        with initialize_config_dir(str(CONF), version_base="1.3"):
+        with initialize_config_dir(str(CONF), version_base="1.3"):  # registers Hydra's own `now` again
+            OmegaConf.register_new_resolver("now", lambda pattern: frozen if "H" in pattern else "2026-12-01",
+                                            replace=True)
             cfg = compose("config", return_hydra_config=True)
         dirs.append(OmegaConf.select(cfg, key))
     return dirs[0], dirs[1]

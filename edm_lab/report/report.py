@@ -3,10 +3,17 @@
 Usage: ``python -m edm_lab.report.report --results results --out reports [--metric fid ...]``.
 
 Everything is rebuilt from the rows each time, so the report can never drift from the store.
-All metrics are taken to be lower-is-better (FID, Fréchet distances, sampler RMSE). When several
-rows share a (configuration, NFE) cell -- the repeats of the seed protocol, several sweeps or
-seeds -- the minimum is reported, following the paper's convention (Karras et al. report the best
-of three), and a second table gives mean ± std over those rows.
+All metrics are taken to be lower-is-better (FID, Fréchet distances, sampler RMSE). A configuration
+is a config hash: rows that differ in any hashed key (num_samples and seed included) are separate
+lines, never merged. When several rows share a (configuration, NFE) cell -- the repeats of the seed
+protocol, or a point recomputed -- the minimum is reported, following the paper's convention
+(Karras et al. report the best of three), and a second table gives mean ± std over those rows.
+
+Labels show only what varies between the configurations of a report; what they share is said once
+above the tables. In every plot a configuration keeps its colour and marker, legends sit outside
+the axes, NFE ticks are thinned so they never collide, and values above `DIVERGED` times the
+plot's median (or non-finite) are marked as diverged at the top edge rather than stretching the
+axis; tables mark them with a dagger.
 
 Rows of training runs (`task == "train"`, with a `kimg` column) form their own section: the metric
 of each run against training progress in kimg, with a `<metric>_vs_kimg.png` plot.
@@ -32,7 +39,8 @@ from matplotlib.ticker import NullLocator
 from edm_lab.atomic import atomic_write_bytes, atomic_write_text
 from edm_lab.track.store import ResultsStore
 
-__all__ = ["KNOWN_METRICS", "default_metrics", "format_value", "markdown_table", "write_report", "main"]
+__all__ = ["KNOWN_METRICS", "configurations", "default_metrics", "format_value", "line_styles", "markdown_table",
+           "select_rows", "write_report", "main"]
 
 KNOWN_METRICS: tuple[str, ...] = ("fid", "fd_classifier", "fd_raw", "sampler_rmse")
 PLOT_SUFFIX = "_vs_nfe.png"
@@ -111,10 +119,52 @@ def _labels(frame: pd.DataFrame) -> pd.Series:
     return labels.where(labels.notna(), "(unlabelled)").astype(str)
 
 
-def _cells(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per (label, nfe) with the minimum of the metric and how many rows it came from."""
+def _identities(frame: pd.DataFrame) -> pd.Series:
+    """What makes rows one configuration: the config hash (the label where a row has none)."""
+    labels = _labels(frame)
+    if "config_hash" not in frame.columns:
+        return labels
+    return frame["config_hash"].astype("object").where(frame["config_hash"].notna(), labels).astype(str)
+
+
+def _tokens(label: str, row: pd.Series) -> list[str]:
+    """A configuration's description as `key=value` words: its label split up, plus num_samples and seed."""
+    words = label.split()
+    head = words[0].split("/", 2) if words else []
+    tokens = ([f"{k}={v}" for k, v in zip(("data", "model", "precond"), head)]
+              if len(head) == 3 and "=" not in words[0] else words[:1]) + words[1:]
+    for column in ("num_samples", "seed"):
+        value = row.get(column)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            tokens.append(f"{column}={_format_nfe(value)}")
+    return tokens
+
+
+def configurations(frame: pd.DataFrame) -> tuple[dict[str, str], list[str]]:
+    """({identity: label}, shared words): each configuration named by the words that are not common to all.
+
+    Two configurations left with the same words (they differ in a key the label does not show)
+    get their hash appended, so no two lines ever share a name.
+    """
+    if frame.empty:
+        return {}, []
+    identities, labels = _identities(frame), _labels(frame)
+    firsts = frame.assign(_id=identities, _label=labels).drop_duplicates("_id")
+    tokens = {row["_id"]: _tokens(row["_label"], row) for _, row in firsts.iterrows()}
+    common = set.intersection(*(set(t) for t in tokens.values())) if len(tokens) > 1 else set()
+    shared = [t for t in next(iter(tokens.values())) if t in common]
+    names = {ident: " ".join(t for t in words if t not in common) or "(one configuration)"
+             for ident, words in tokens.items()}
+    counts = pd.Series(list(names.values())).value_counts()
+    return {ident: (f"{name} [{ident[:8]}]" if counts[name] > 1 else name) for ident, name in names.items()}, shared
+
+
+def _cells(frame: pd.DataFrame, metric: str, names: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per (configuration, nfe) with the minimum of the metric and how many rows it came from;
+    `label` is the configuration's name in `names` (default: `configurations(frame)`)."""
+    names = names if names is not None else configurations(frame)[0]
     data = pd.DataFrame({
-        "label": _labels(frame),
+        "label": _identities(frame).map(names),
         "nfe": pd.to_numeric(frame["nfe"], errors="coerce"),
         "value": pd.to_numeric(frame[metric], errors="coerce"),
     })
@@ -134,12 +184,18 @@ def _format_spread(mean: Any, std: Any, count: Any) -> str:
     return f"{format_value(mean)} ± {format_value(std)} ({int(count)})"
 
 
-def _metric_table(cells: pd.DataFrame, column: str = "value") -> tuple[str, int]:
-    """configurations x NFE; `column` is "value" (the minimum) or "spread" (mean ± std)."""
+def _metric_table(cells: pd.DataFrame, column: str = "value", cap: float = math.inf) -> tuple[str, int]:
+    """configurations x NFE; `column` is "value" (the minimum, diverged ones marked †) or "spread" (mean ± std)."""
     nfes = sorted(cells["nfe"].unique())
     cells = cells.assign(spread=[_format_spread(m, s, n) for m, s, n in zip(cells["mean"], cells["std"], cells["count"])])
     wide = cells.pivot(index="label", columns="nfe", values=column)
-    fmt = format_value if column == "value" else (lambda v: MISSING if not isinstance(v, str) else v)
+
+    def fmt(v: Any) -> str:
+        if column != "value":
+            return v if isinstance(v, str) else MISSING
+        text = format_value(v)
+        return text + " †" if text != MISSING and not float(v) <= cap else text
+
     header = ["configuration"] + [_format_nfe(n) for n in nfes]
     rows = [[label] + [fmt(wide.at[label, n]) for n in nfes] for label in sorted(wide.index, key=_natural_key)]
     return markdown_table(header, rows), int((cells["count"] > 1).sum())
@@ -155,43 +211,96 @@ def _best_per_budget(cells: pd.DataFrame, metric: str) -> str:
     return markdown_table(["NFE budget", "best configuration", metric, "at NFE"], rows, align="rlrr")
 
 
-def _render_plot(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe") -> bytes | None:
-    """Lines of `value` against `x` ("nfe": log axis of the evaluated NFEs; "kimg": training progress)."""
-    finite = cells[cells["value"].map(math.isfinite)]
-    if finite.empty:
+DIVERGED = 1e4  # a value above this multiple of the median of its metric's values counts as diverged
+_MARKERS = "osD^vP*Xh<>p"
+_DASHES = ["-", "--", ":", "-."]
+
+
+def line_styles(labels: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A fixed colour, marker and dash per configuration, so it looks the same in every plot of a report."""
+    colours = [f"C{i}" for i in range(10)]
+    return {label: {"color": colours[i % 10], "marker": _MARKERS[i % len(_MARKERS)],
+                    "linestyle": _DASHES[(i // 10) % len(_DASHES)]}
+            for i, label in enumerate(sorted(set(labels), key=_natural_key))}
+
+
+def divergence_cap(values: pd.Series) -> float:
+    """Above this a value counts as diverged: DIVERGED times the median of the finite positive values (inf if none)."""
+    finite = values[values.map(lambda v: math.isfinite(v) and v > 0)]
+    return DIVERGED * float(finite.median()) if not finite.empty else math.inf
+
+
+def log_ticks(values: Sequence[float], max_ticks: int = 12) -> list[float]:
+    """A subset of `values` (sorted, positive) spaced at least 1/max_ticks of the log range apart, keeping the last."""
+    values = sorted(v for v in set(values) if v > 0)
+    if len(values) <= 2:
+        return values
+    gap = max(math.log10(values[-1] / values[0]) / max_ticks, 0.05)
+    kept = [values[0]]
+    for v in values[1:-1]:
+        if math.log10(v / kept[-1]) >= gap and math.log10(values[-1] / v) >= gap:
+            kept.append(v)
+    return kept + [values[-1]]  # the largest evaluated NFE is always labelled
+
+
+def _render_plot(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe",
+                 styles: dict[str, dict[str, Any]] | None = None) -> bytes | None:
+    """`plot_figure` as PNG bytes (None when nothing can be drawn)."""
+    fig = plot_figure(cells, metric, title, x, styles)
+    if fig is None:
         return None
-    labels = sorted(finite["label"].unique(), key=_natural_key)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_figure(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe",
+                styles: dict[str, dict[str, Any]] | None = None) -> Figure | None:
+    """Lines of `value` against `x` ("nfe": log axis of the evaluated NFEs; "kimg": training progress).
+
+    Diverged values (above `divergence_cap`, or non-finite) are drawn as triangles on the top edge.
+    """
+    if cells.empty:
+        return None
+    styles = styles or line_styles(cells["label"])
+    cap = divergence_cap(cells["value"])
+    plotted = cells[cells["value"].map(lambda v: not math.isnan(v))]
+    shown = plotted[plotted["value"].map(lambda v: math.isfinite(v) and v <= cap)]
+    diverged = plotted[~plotted.index.isin(shown.index)]
+    if shown.empty:
+        return None
     fig = Figure(figsize=(8.0, 5.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    markers = "osD^vP*Xh<>p"
-    styles = ["-", "--", ":", "-."]
-    for i, label in enumerate(labels):
-        part = finite[finite["label"] == label].sort_values(x)
-        # Colours repeat every 10 lines; vary marker and dash too so large grids stay distinguishable.
-        ax.plot(part[x], part["value"], marker=markers[i % len(markers)],
-                linestyle=styles[(i // 10) % len(styles)], markersize=5, linewidth=1.4, label=label)
-    nfes = sorted(finite[x].unique())
-    if x == "nfe" and nfes[0] > 0:
-        ax.set_xscale("log")
-        # Default log ticks would only show powers of ten; label the NFE values actually evaluated.
-        shown = nfes if len(nfes) <= 12 else nfes[:: math.ceil(len(nfes) / 12)]
-        ax.set_xticks(shown, [_format_nfe(n) for n in shown])
-        ax.xaxis.set_minor_locator(NullLocator())
-    if (finite["value"] > 0).all():
+    for label in sorted(plotted["label"].unique(), key=_natural_key):
+        part = shown[shown["label"] == label].sort_values(x)
+        ax.plot(part[x], part["value"], markersize=5, linewidth=1.4, label=label, **styles[label])
+    log_y = bool((shown["value"] > 0).all())
+    if log_y:
         ax.set_yscale("log")
+    if not diverged.empty:
+        top = cap if math.isfinite(cap) else float(shown["value"].max())
+        ax.set_ylim(top=top * (1.6 if log_y else 1.05))
+        for label, part in diverged.groupby("label"):
+            ax.plot(part[x], [top] * len(part), linestyle="none", marker="^", markersize=8,
+                    color=styles[label]["color"], clip_on=False)
+        ax.plot([], [], linestyle="none", marker="^", color="0.3",
+                label=f"diverged (> {format_value(top)} or not finite)")
+    xs = sorted(plotted[x].unique())
+    if x == "nfe" and xs[0] > 0:
+        ax.set_xscale("log")
+        # Default log ticks would only show powers of ten; label evaluated NFEs, thinned so they never collide.
+        ticks = log_ticks(xs)
+        ax.set_xticks(ticks, [_format_nfe(n) for n in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("NFE (denoiser evaluations)" if x == "nfe" else "training progress (kimg)")
     ax.set_ylabel(f"{metric} (min over rows, lower is better)")
     ax.set_title(f"{title}: {metric} vs {'NFE' if x == 'nfe' else 'kimg'}")
     ax.grid(True, which="both", alpha=0.3)
-    if len(labels) <= 6:
-        ax.legend(fontsize="small", loc="best")
-    else:
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-                  ncol=1 if len(labels) <= 25 else 2)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    n = len(ax.get_legend_handles_labels()[0])
+    ax.legend(fontsize="small" if n <= 12 else "x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0, ncol=1 if n <= 25 else 2)  # outside the axes: never over the data
+    return fig
 
 
 _KIMG_SUFFIX = r" @ \S+ kimg$"  # older training rows carried their evaluation point in the label
@@ -296,6 +405,29 @@ def _remove_stale_plots(out_dir: Path, keep: set[str]) -> None:
                 pass
 
 
+def select_rows(frame: pd.DataFrame, sweep: str = "latest", where: str | None = None) -> tuple[pd.DataFrame, str]:
+    """(the rows of one scope, its description): `sweep` is "all", "latest" (the sweep of the newest row)
+    or a sweep id; `where` a pandas query over the row columns (e.g. "solver == 'heun' and nfe <= 35")."""
+    scope = "all rows"
+    if sweep != "all" and not frame.empty:
+        if "sweep" not in frame.columns:
+            raise ValueError("the rows have no 'sweep' column; use task.sweep=all")
+        if sweep == "latest":
+            newest = frame.sort_values("time", kind="stable").iloc[-1] if "time" in frame.columns else frame.iloc[-1]
+            sweep = str(newest["sweep"])
+        if not (frame["sweep"].astype(str) == sweep).any():
+            known = ", ".join(sorted(frame["sweep"].dropna().astype(str).unique())[-5:])
+            raise ValueError(f"task.sweep={sweep}: no rows of that sweep (latest sweeps: {known})")
+        frame, scope = frame[frame["sweep"].astype(str) == sweep], f"sweep {sweep}"
+    if where:
+        try:
+            frame = frame.query(where)
+        except Exception as exc:  # noqa: BLE001 - pandas raises many kinds for a bad expression
+            raise ValueError(f"task.where={where!r} is not a query over the row columns ({exc})") from None
+        scope += f" where {where}"
+    return frame.reset_index(drop=True), scope
+
+
 def write_report(
     frame: pd.DataFrame,
     out_dir: str | Path,
@@ -339,18 +471,26 @@ def write_report(
     else:
         md += ["Metrics: " + ", ".join(f"[{m}](#{re.sub(r'[^a-z0-9_-]', '', m.lower())})" for m in metrics), ""]
 
+    names, shared = configurations(sampling)
+    styles = line_styles(names.values())
+    if shared and len(names) > 1:
+        md += ["Shared by every configuration below: " + " ".join(f"`{_cell(t)}`" for t in shared), ""]
     for metric in metrics if not sampling.empty else ():
         md += [f"## {metric}", ""]
-        cells = _cells(sampling, metric)
+        cells = _cells(sampling, metric, names)
         if cells.empty:
             md += [f"No rows have a value for `{metric}`.", ""]
             continue
-        png = _render_plot(cells, metric, title)
+        png = _render_plot(cells, metric, title, styles=styles)
         if png is not None:
             plots[_plot_name(metric)] = png
             md += [f"![{metric} vs NFE]({_plot_name(metric)})", ""]
-        table, n_multi = _metric_table(cells)
+        cap = divergence_cap(cells["value"])
+        table, n_multi = _metric_table(cells, cap=cap)
         md += [table, ""]
+        if (~cells["value"].map(lambda v: float(v) <= cap)).any():
+            md += [f"*† diverged: above {format_value(cap)} ({DIVERGED:g} × the median of these values) or not "
+                   "finite; drawn on the plot's top edge.*", ""]
         if n_multi:
             md += [f"*{n_multi} of {len(cells)} cells aggregate several rows (repeats with disjoint seeds, "
                    "sweeps or seeds); each shows the minimum, following the paper's convention. "

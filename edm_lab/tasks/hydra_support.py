@@ -194,20 +194,30 @@ def _choices() -> dict[str, str]:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")}
 
 
-def regenerate_report(cfg: DictConfig) -> Path:
-    """Rewrite the report folder from every row in the results store."""
-    from edm_lab.report.report import write_report
+def regenerate_report(cfg: DictConfig, sweep: str | None = None) -> Path:
+    """Rewrite the report folder from the store's rows of one scope.
+
+    After a run or multirun (`sweep` given): that sweep's rows. `task=report`: `task.sweep` (latest,
+    all, or a sweep id) and `task.where` (a pandas query over the rows).
+    """
+    from edm_lab.report.report import select_rows, write_report
     from edm_lab.track.store import ResultsStore
 
-    metrics = cfg.task.get("metrics") if cfg.task.name == "report" else None
-    path = write_report(ResultsStore(cfg.paths.results_dir).load(), cfg.paths.reports_dir,
-                        metrics=list(metrics) if metrics else None)
-    print(f"report: {path}")
+    frame = ResultsStore(cfg.paths.results_dir).load()
+    if cfg.task.name == "report":
+        frame, scope = select_rows(frame, str(cfg.task.sweep), cfg.task.get("where"))
+        metrics = cfg.task.get("metrics")
+    else:
+        frame, scope = select_rows(frame, sweep or "latest")
+        metrics = None
+    path = write_report(frame, cfg.paths.reports_dir, metrics=list(metrics) if metrics else None,
+                        title=f"edm-lab report: {scope}")
+    print(f"report: {path} ({scope})")
     return path
 
 
 class RegenerateReport(Callback):
-    """Regenerates the report once a run, or a whole multirun, has ended."""
+    """Regenerates the report of a run, or a whole multirun, once it has ended (its own rows only)."""
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if config.task.name != "report":
@@ -225,6 +235,6 @@ class RegenerateReport(Callback):
         try:
             if not HydraConfig.initialized():  # callbacks run outside the job, where ${hydra:} needs it set
                 HydraConfig.instance().set_config(config)
-            regenerate_report(config)
+            regenerate_report(config, sweep=sweep_id())
         except Exception as exc:  # noqa: BLE001 - a report failure must not hide the jobs' own outcome
             log.error("report not regenerated: %s (run `python run.py task=report`)", exc)

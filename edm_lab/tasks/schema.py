@@ -341,6 +341,8 @@ PATHS: dict[str, Rule] = {
     "task.name": OneOf(choices=("sample", "train", "fid_ref", "report")),
     "task.dest": Text(),
     "task.metrics": Node(),
+    "task.sweep": Text(),
+    "task.where": Text(null=True),
     "task.batch_size": COUNT,
     "task.batch_gpu": Int(lo=1, null=True),
     "task.duration_kimg": POSITIVE,
