@@ -368,32 +368,41 @@ def test_identical_words_get_their_hash(tmp_path: Path) -> None:
                                       "(one configuration) [ffffffff]"]
 
 
-def test_report_scope(tmp_path: Path) -> None:
-    frame = pd.DataFrame(sweep_rows("2026-11-23/10-00-00", 64, {7: 3.0}, "euler")
-                         + sweep_rows("2026-11-23/11-00-00", 64, {7: 2.0, 35: 1.0}, "heun", start=30))
-    latest, scope = report_mod.select_rows(frame)
-    assert scope == "sweep 2026-11-23/11-00-00" and set(latest["solver"]) == {"heun"} and len(latest) == 2
-    first, _ = report_mod.select_rows(frame, "2026-11-23/10-00-00")
-    assert set(first["solver"]) == {"euler"}
-    everything, scope = report_mod.select_rows(frame, "all", "nfe <= 7")
-    assert scope == "all rows where nfe <= 7" and len(everything) == 2
-    with pytest.raises(ValueError, match="task.sweep=nope: no rows"):
-        report_mod.select_rows(frame, "nope")
+def test_report_rows_are_selected_by_key_and_query() -> None:
+    frame = pd.DataFrame(sweep_rows("s1", 64, {7: 3.0}, "euler") + sweep_rows("s2", 64, {7: 2.0, 35: 1.0}, "heun"))
+    heun = frame[frame["solver"] == "heun"]
+    keys = {(h, n, 0) for h, n in zip(heun["config_hash"], heun["num_steps"])}
+    assert list(report_mod.select_rows(frame, keys)["solver"]) == ["heun", "heun"]
+    assert len(report_mod.select_rows(frame, None, "nfe <= 7")) == 2
     with pytest.raises(ValueError, match="task.where"):
-        report_mod.select_rows(frame, "all", "no_such_column > 3")
+        report_mod.select_rows(frame, None, "no_such_column > 3")
 
 
-def test_report_task_scopes_to_the_latest_sweep(tmp_path: Path) -> None:
+def test_report_task_scopes(tmp_path: Path) -> None:
+    """A run's report holds the rows it computed or reused (its manifest), never other runs' rows."""
+    import os
+
     from edm_lab.tasks.hydra_support import regenerate_report
+    from edm_lab.tasks.schema import ConfigError
+    from edm_lab.track.store import write_manifest
     from tests.test_configs import compose_cfg
 
     store = ResultsStore(tmp_path / "results")
-    for row in sweep_rows("old", 64, {7: 3.0}, "euler") + sweep_rows("new", 64, {7: 2.0}, "heun", start=30):
+    old, new = sweep_rows("x", 64, {7: 3.0}, "euler"), sweep_rows("x", 64, {7: 2.0}, "heun", start=30)
+    for row in old + new:
         store.write(row)
+    write_manifest(tmp_path / "multirun" / "2026-11-23" / "10-00-00" / "0", old)
+    write_manifest(tmp_path / "outputs" / "2026-11-23" / "11-00-00", new + old)  # the newest, reusing `old`
+    os.utime(tmp_path / "multirun" / "2026-11-23" / "10-00-00" / "0" / "rows.json", (1, 1))
     text = regenerate_report(compose_cfg(tmp_path, "task=report")).read_text()
-    assert text.startswith("# edm-lab report: sweep new") and "solver=euler" not in text
-    text = regenerate_report(compose_cfg(tmp_path, "task=report", "task.sweep=all")).read_text()
-    assert text.startswith("# edm-lab report: all rows") and "solver=euler" in text
+    assert text.startswith("# edm-lab report: sweep 2026-11-23/11-00-00") and "solver=euler" in text
+    text = regenerate_report(compose_cfg(tmp_path, "task=report", "task.sweep=2026-11-23/10-00-00")).read_text()
+    assert "solver=heun" not in text and "Generated from 1 result rows" in text
+    text = regenerate_report(compose_cfg(tmp_path, "task=report", "task.sweep=all", "task.where='nfe == 7'",
+                                         "task.metrics=[fd_classifier]")).read_text()
+    assert text.startswith("# edm-lab report: all rows where nfe == 7") and "Generated from 2 result rows" in text
+    with pytest.raises(ConfigError, match="task.sweep=2026-01-01/00-00-00: no such run or sweep"):
+        regenerate_report(compose_cfg(tmp_path, "task=report", "task.sweep=2026-01-01/00-00-00"))
 
 
 def test_a_configuration_keeps_its_style_in_every_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

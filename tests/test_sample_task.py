@@ -84,11 +84,15 @@ def test_fid_without_inception_weights_fails_before_sampling(tmp_path, monkeypat
 
 
 def test_report_task_regenerates_from_the_store(tmp_path):
-    cfg = compose_cfg(tmp_path, *TINY)
+    from edm_lab.track.store import read_manifests, row_key
+
+    job = tmp_path / "outputs" / "2026-12-01" / "10-00-00"
+    cfg = compose_cfg(tmp_path, *TINY, f"paths.output_dir={job}")
     rows = run_sample(cfg, CHOICES)
-    path = regenerate_report(compose_cfg(tmp_path, "task=report"))
+    assert read_manifests(job) == {row_key(r) for r in rows}  # the job recorded its rows
+    path = regenerate_report(compose_cfg(tmp_path, "task=report"))  # latest: that run
     text = path.read_text()
-    assert path == tmp_path / "reports" / "report.md"
+    assert path == tmp_path / "reports" / "report.md" and text.startswith("# edm-lab report: sweep 2026-12-01/10-00-00")
     assert f"{rows[-1]['fd_raw']:.4g}" in text and "sampler_rmse" in text
 
 

@@ -405,27 +405,21 @@ def _remove_stale_plots(out_dir: Path, keep: set[str]) -> None:
                 pass
 
 
-def select_rows(frame: pd.DataFrame, sweep: str = "latest", where: str | None = None) -> tuple[pd.DataFrame, str]:
-    """(the rows of one scope, its description): `sweep` is "all", "latest" (the sweep of the newest row)
-    or a sweep id; `where` a pandas query over the row columns (e.g. "solver == 'heun' and nfe <= 35")."""
-    scope = "all rows"
-    if sweep != "all" and not frame.empty:
-        if "sweep" not in frame.columns:
-            raise ValueError("the rows have no 'sweep' column; use task.sweep=all")
-        if sweep == "latest":
-            newest = frame.sort_values("time", kind="stable").iloc[-1] if "time" in frame.columns else frame.iloc[-1]
-            sweep = str(newest["sweep"])
-        if not (frame["sweep"].astype(str) == sweep).any():
-            known = ", ".join(sorted(frame["sweep"].dropna().astype(str).unique())[-5:])
-            raise ValueError(f"task.sweep={sweep}: no rows of that sweep (latest sweeps: {known})")
-        frame, scope = frame[frame["sweep"].astype(str) == sweep], f"sweep {sweep}"
+def select_rows(frame: pd.DataFrame, keys: set[tuple[str, int, int]] | None = None,
+                where: str | None = None) -> pd.DataFrame:
+    """The rows whose (config_hash, num_steps, repeat) is in `keys` (None: all), then those matching
+    `where`, a pandas query over the row columns (e.g. "solver == 'heun' and nfe <= 35")."""
+    if keys is not None and not frame.empty:
+        repeat = frame["repeat"] if "repeat" in frame.columns else pd.Series(0, index=frame.index)
+        found = [(str(h), int(n), int(r)) in keys
+                 for h, n, r in zip(frame["config_hash"], frame["num_steps"], repeat.fillna(0))]
+        frame = frame[found]
     if where:
         try:
             frame = frame.query(where)
         except Exception as exc:  # noqa: BLE001 - pandas raises many kinds for a bad expression
             raise ValueError(f"task.where={where!r} is not a query over the row columns ({exc})") from None
-        scope += f" where {where}"
-    return frame.reset_index(drop=True), scope
+    return frame.reset_index(drop=True)
 
 
 def write_report(

@@ -24,11 +24,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def sweep_id() -> str:
-    """Name shared by every job of one multirun (its sweep folder), or of the single run."""
+    """Name shared by every job of one multirun (its sweep folder), or of the single run: `<date>/<time>`.
+
+    Read off the job's resolved output folder, never by resolving `hydra.sweep.dir` again: outside
+    the config object that resolved it, `${now:}` and `${unique_dir:}` would give a new time and folder.
+    """
     hc = HydraConfig.get()
+    output_dir = OmegaConf.select(hc, "runtime.output_dir", throw_on_missing=False)
+    if output_dir is None:  # composed outside a job (tests, the compose API): no run folder exists
+        return "local"
     if hc.mode == RunMode.MULTIRUN:
-        return "/".join(Path(hc.sweep.dir).parts[-2:])
-    return "/".join(Path(hc.run.dir).parts[-2:])
+        folder = Path(output_dir).parents[len(Path(str(hc.sweep.subdir)).parts) - 1]
+    else:
+        folder = Path(output_dir)
+    return "/".join(folder.parts[-2:])
 
 
 def run_name() -> str:
@@ -194,40 +203,67 @@ def _choices() -> dict[str, str]:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")}
 
 
-def regenerate_report(cfg: DictConfig, sweep: str | None = None) -> Path:
-    """Rewrite the report folder from the store's rows of one scope.
+RUN_FOLDERS = ("multirun", "outputs")  # under paths.root: where Hydra puts sweeps and runs (conf/hydra)
 
-    After a run or multirun (`sweep` given): that sweep's rows. `task=report`: `task.sweep` (latest,
-    all, or a sweep id) and `task.where` (a pandas query over the rows).
-    """
+
+def report_scope(cfg: DictConfig, folder: Path | None = None) -> tuple[set | None, str]:
+    """(row keys, description) of the rows a report shows: those of a run or sweep folder's job
+    manifests (reused rows included); for `task=report`, of `task.sweep` (latest, all, or a sweep id)."""
+    from edm_lab.track.store import MANIFEST, read_manifests
+
+    if folder is None:
+        sweep = str(cfg.task.sweep)
+        if sweep == "all":
+            return None, "all rows"
+        root = Path(str(cfg.paths.root))
+        if sweep == "latest":
+            found = []  # (when a job recorded its rows, its run or sweep folder <name>/<date>/<time>)
+            for name in RUN_FOLDERS:
+                for manifest in (root / name).glob(f"*/*/**/{MANIFEST}"):
+                    date, time = manifest.relative_to(root / name).parts[:2]
+                    found.append((manifest.stat().st_mtime, root / name / date / time))
+            if not found:  # an empty store, or rows older than the manifests: say what is shown
+                return None, f"all rows (no run or sweep under {root} has recorded its rows)"
+            folder = max(found)[1]
+        else:
+            folder = next((root / name / sweep for name in RUN_FOLDERS if (root / name / sweep).is_dir()), None)
+            if folder is None:
+                raise ConfigError(f"task.sweep={sweep}: no such run or sweep under {root}/{{{','.join(RUN_FOLDERS)}}}")
+    return read_manifests(folder), f"sweep {'/'.join(folder.parts[-2:])}"
+
+
+def regenerate_report(cfg: DictConfig, folder: Path | None = None) -> Path:
+    """Rewrite the report folder from the rows of one scope (see `report_scope`), filtered by `task.where`."""
     from edm_lab.report.report import select_rows, write_report
     from edm_lab.track.store import ResultsStore
 
-    frame = ResultsStore(cfg.paths.results_dir).load()
-    if cfg.task.name == "report":
-        frame, scope = select_rows(frame, str(cfg.task.sweep), cfg.task.get("where"))
-        metrics = cfg.task.get("metrics")
-    else:
-        frame, scope = select_rows(frame, sweep or "latest")
-        metrics = None
+    keys, scope = report_scope(cfg, folder)
+    where = cfg.task.get("where") if cfg.task.name == "report" else None
+    try:
+        frame = select_rows(ResultsStore(cfg.paths.results_dir).load(), keys, where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    metrics = cfg.task.get("metrics") if cfg.task.name == "report" else None
+    scope += f" where {where}" if where else ""
     path = write_report(frame, cfg.paths.reports_dir, metrics=list(metrics) if metrics else None,
                         title=f"edm-lab report: {scope}")
-    print(f"report: {path} ({scope})")
+    print(f"report: {path} ({scope}, {len(frame)} rows)")
     return path
 
 
 class RegenerateReport(Callback):
     """Regenerates the report of a run, or a whole multirun, once it has ended (its own rows only)."""
 
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.task.name != "report":
-            self._write(config)
+    def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if config.task.name != "report" and job_return is not None:
+            self._write(config, lambda: Path(job_return.hydra_cfg.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._write(config)
+        # The sweeper resolved hydra.sweep.dir on this very config object: its cache holds the folder.
+        self._write(config, lambda: Path(str(config.hydra.sweep.dir)))
 
     @staticmethod
-    def _write(config: DictConfig) -> None:
+    def _write(config: DictConfig, folder: Any) -> None:
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
         if getattr(rank_zero_only, "rank", 0) != 0:
@@ -235,6 +271,6 @@ class RegenerateReport(Callback):
         try:
             if not HydraConfig.initialized():  # callbacks run outside the job, where ${hydra:} needs it set
                 HydraConfig.instance().set_config(config)
-            regenerate_report(config, sweep=sweep_id())
+            regenerate_report(config, folder=folder())
         except Exception as exc:  # noqa: BLE001 - a report failure must not hide the jobs' own outcome
             log.error("report not regenerated: %s (run `python run.py task=report`)", exc)

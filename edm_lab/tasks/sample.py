@@ -43,7 +43,7 @@ from edm_lab.evaluate.sampling import (
 from edm_lab.tasks import schema
 from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.images import grid_items, save_images
-from edm_lab.track.store import ResultsStore, config_hash
+from edm_lab.track.store import ResultsStore, config_hash, write_manifest
 from edm_lab.track.tracking import CurveTracker
 
 T = TypeVar("T")
@@ -157,6 +157,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
         rows.sort(key=lambda r: (r["num_steps"], r["repeat"]))
         tracker.finish(rows, status)
     if main:
+        write_manifest(cfg.paths.output_dir, rows)  # this job's rows, reused ones included, for its report
         print(f"results: {len(rows)} rows in {store.root} (config {identity['config_hash']})")
         if location:
             print(f"tracker run: {location}" + (" (offline: `wandb sync` uploads it)" if tracker.is_wandb else ""))

@@ -31,7 +31,7 @@ from edm_lab.nets.denoisers import network_denoiser
 from edm_lab.tasks import schema
 from edm_lab.tasks.sample import AXES, build_frechet, git_commit
 from edm_lab.tasks.schema import ConfigError
-from edm_lab.track.store import ResultsStore, config_hash
+from edm_lab.track.store import ResultsStore, config_hash, write_manifest
 from edm_lab.train.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
         _finish_wandb(trainer)
     result = {"kimg": module.kimg, "seconds": time.perf_counter() - began, "checkpoints": str(checkpoints.dirpath)}
     if trainer.is_global_zero:
+        if t.eval_kimg:
+            write_manifest(output_dir, evaluate.rows)
         final = save_checkpoint(module.ema, output_dir / f"network-snapshot-{int(module.kimg):06d}.safetensors",
                                 extra={"kimg": module.kimg, "git_commit": git_commit(project_root or Path.cwd())})
         result["network"] = str(final)
@@ -210,7 +212,9 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
                **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment", *AXES)},
                "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": commit}
         store.write(row)
+        evaluate.rows.append(row)
         log.info("kimg %g: %s=%.4g (NFE %d)", kimg, cfg.metric.name, value, nfe)
         return {cfg.metric.name: value, "kimg": kimg}
 
+    evaluate.rows = []  # every row written, for the job's manifest
     return evaluate

@@ -32,7 +32,9 @@ from edm_lab.atomic import atomic_write_text, remove_stale_temp_files
 if TYPE_CHECKING:  # pandas is only needed by `load`; keep worker imports cheap.
     import pandas
 
-__all__ = ["config_hash", "ResultsStore"]
+__all__ = ["config_hash", "ResultsStore", "MANIFEST", "row_key", "write_manifest", "read_manifests"]
+
+MANIFEST = "rows.json"  # in a job's output folder: the keys of the rows it computed or reused
 
 # Temp files start with "." and end with ".tmp": they can never match the row glob below.
 _ROW_GLOB = "steps-*.json"
@@ -244,3 +246,28 @@ class ResultsStore:
         if not rows:
             return pd.DataFrame()
         return pd.DataFrame.from_records(rows)
+
+
+RowKey = tuple[str, int, int]
+
+
+def row_key(row: Mapping) -> RowKey:
+    """(config_hash, num_steps, repeat): what identifies a row in the store."""
+    return str(row["config_hash"]), _steps_key(row["num_steps"]), _repeat_key(row.get("repeat", 0))
+
+
+def write_manifest(folder: str | Path, rows: list[Mapping]) -> Path:
+    """Record in a job's output folder which rows it computed or reused, so its report can find them
+    (a reused row keeps the sweep that first computed it)."""
+    return atomic_write_text(Path(folder) / MANIFEST, json.dumps(sorted({row_key(r) for r in rows})) + "\n")
+
+
+def read_manifests(folder: str | Path) -> set[RowKey]:
+    """The row keys of every job manifest under `folder` (a run's folder, or a sweep's with its jobs)."""
+    keys: set[RowKey] = set()
+    for path in sorted(Path(folder).rglob(MANIFEST)):
+        try:
+            keys.update((str(h), int(n), int(r)) for h, n, r in json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            warnings.warn(f"skipping unreadable row manifest {path}: {exc}", RuntimeWarning, stacklevel=2)
+    return keys
