@@ -212,7 +212,7 @@ def _best_per_budget(cells: pd.DataFrame, metric: str) -> str:
 
 
 DIVERGED = 1e4  # a value above this multiple of the median of its metric's values counts as diverged
-_MARKERS = "osD^vP*Xh<>p"
+_MARKERS = "osDvP*Xh<>pd"  # no "^": it marks diverged values
 _DASHES = ["-", "--", ":", "-."]
 
 
