@@ -24,7 +24,7 @@ from tests.test_configs import compose_cfg
 
 TINY = ["task=train", "net=ddpmpp_small", "data.limit=256", "task.batch_size=32", "task.lr_rampup_kimg=0.05",
         "task.ema_halflife_kimg=0.1", "task.log_kimg=0.032", "task.num_workers=0", "task.eval_steps=4", "num_samples=64", "batch_size=64",
-        "logger=csv", "trainer.enable_progress_bar=false", "metric=raw"]
+        "logger=csv", "trainer.enable_progress_bar=false", "metric=raw", "task.loss_profile_images=64"]
 CHOICES = {"data": "digits", "net": "ddpmpp_small", "precond": "edm", "noise": "edm", "weighting": "edm",
            "augment": "none", "schedule": "edm"}
 
@@ -32,6 +32,11 @@ CHOICES = {"data": "digits", "net": "ddpmpp_small", "precond": "edm", "noise": "
 def train(tmp_path: Path, name: str, *overrides: str):
     cfg = compose_cfg(tmp_path, *TINY, f"paths.output_dir={tmp_path}/{name}", *overrides)
     return run_train(cfg, CHOICES), tmp_path / name
+
+
+def evaluations(results: Path) -> list[dict]:
+    """The training evaluations of a store (its loss-profile rows left out)."""
+    return [r for r in ResultsStore(results).rows() if r["task"] == "train"]
 
 
 def logged_losses(run_dir: Path) -> list[float]:
@@ -47,7 +52,7 @@ def test_training_task_checkpoints_evaluates_and_saves_the_ema(tmp_path):
     assert snapshots == ["snapshot-0000002.ckpt", "snapshot-0000004.ckpt"]
     ema = load_checkpoint(result["network"])
     assert ema.build_spec["network"]["model_type"] == "SongUNet" and ema.checkpoint_extra["kimg"] == pytest.approx(0.128)
-    rows = sorted(ResultsStore(tmp_path / "results").rows(), key=lambda r: r["kimg"])
+    rows = sorted(evaluations(tmp_path / "results"), key=lambda r: r["kimg"])
     assert [r["kimg"] for r in rows] == [0.032, 0.064, 0.128]
     assert all(r["task"] == "train" and r["nfe"] == 7 and r["fd_raw"] > 0 for r in rows)
     assert len({r["run_hash"] for r in rows}) == 1 and len({r["config_hash"] for r in rows}) == 3
@@ -70,8 +75,8 @@ def test_resume_continues_exactly(tmp_path):
     a, b = load_checkpoint(full["network"]).state_dict(), load_checkpoint(resumed["network"]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The resumed run evaluates only the marks after the checkpoint, as the same run (the report's one curve).
-    full_rows = {r["kimg"]: r for r in ResultsStore(tmp_path / "full-results").rows()}
-    (last,) = ResultsStore(tmp_path / "resumed-results").rows()
+    full_rows = {r["kimg"]: r for r in evaluations(tmp_path / "full-results")}
+    (last,) = evaluations(tmp_path / "resumed-results")
     assert sorted(full_rows) == [0.032, 0.064, 0.128] and last["kimg"] == 0.128
     assert {k: last[k] for k in ("run_hash", "config_hash", "fd_raw")} == \
         {k: full_rows[0.128][k] for k in ("run_hash", "config_hash", "fd_raw")}
@@ -217,7 +222,7 @@ def test_a_seed_reproduces_training_exactly(tmp_path):
         random.seed(process_state)
         result, run_dir = train(tmp_path, name, "task.duration_kimg=0.064", "task.snapshot_kimg=0.064",
                                 "task.eval_kimg=0.064", f"paths.results_dir={tmp_path}/{name}-results", *overrides)
-        rows = sorted(ResultsStore(tmp_path / f"{name}-results").rows(), key=lambda r: r["kimg"])
+        rows = sorted(evaluations(tmp_path / f"{name}-results"), key=lambda r: r["kimg"])
         return logged_losses(run_dir), load_checkpoint(result["network"]).state_dict(), rows, result["network"]
 
     a, b, other = run("a", 1), run("b", 2), run("other-seed", 1, "seed=7")

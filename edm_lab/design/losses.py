@@ -3,9 +3,13 @@
 The loss of one image y is lambda(sigma) * ||D(y + n; sigma) - y||^2 with n = sigma * N(0, I)
 and sigma ~ p(sigma). The two axes are separate objects so that every distribution can be
 crossed with every weighting (and with every preconditioner).
+
+`loss_per_sigma` and `noise_density` measure a network against them on a fixed grid of noise
+levels (the paper's Figure 5a): the objective at each sigma, and where p(sigma) puts the training.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -110,3 +114,73 @@ class DenoisingLoss:
         denoised = denoiser(y + n, sigma.flatten(), class_labels, **extra)
         return weight * (denoised - y) ** 2
 
+
+def sigma_grid(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """`num` noise levels log-spaced over [sigma_min, sigma_max] (float64, increasing)."""
+    if num < 2 or not 0 < sigma_min < sigma_max:
+        raise ValueError(f"a sigma grid needs >= 2 points and 0 < sigma_min < sigma_max, got {num}, "
+                         f"[{sigma_min}, {sigma_max}]")
+    return torch.linspace(math.log(sigma_min), math.log(sigma_max), num, dtype=torch.float64).exp()
+
+
+def loss_per_sigma(denoiser: Callable[..., Tensor], images: Tensor, sigmas: Tensor,
+                   weighting: Callable[[Tensor], Tensor], class_labels: Tensor | None = None,
+                   generator: torch.Generator | None = None, batch_size: int = 512) -> Tensor:
+    """The training objective at each noise level: mean over `images` and pixels of
+    lambda(sigma) (D(y + sigma n; sigma) - y)^2, as float64 (len(sigmas),) on the CPU.
+
+    No augmentation; the denoiser runs in eval mode without gradients (its mode is restored).
+    The noise is one draw of images.shape per sigma, in grid order, from `generator` (on its
+    device, then moved to the images'), so the result does not depend on `batch_size`, the number
+    of images per denoiser call: several sigmas share a call when the images are fewer.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    n = len(images)
+    if n == 0 or batch_size < 1:
+        raise ValueError(f"loss_per_sigma needs images and batch_size >= 1, got {n} images, batch_size={batch_size}")
+    noise_device = generator.device if generator is not None else images.device
+    # Sigmas per group of (sigma, image) pairs: one when the images alone fill a call (split into calls then).
+    per_call = max(1, batch_size // n)
+    squared_error = torch.zeros(len(sigmas), dtype=torch.float64)
+    modes = [(m, m.training) for m in denoiser.modules()] if isinstance(denoiser, torch.nn.Module) else []
+    if modes:
+        denoiser.eval()  # no dropout: the profile measures the network, not one dropout mask
+    try:
+        with torch.no_grad():
+            for first in range(0, len(sigmas), per_call):
+                group = sigmas[first:first + per_call]
+                noise = torch.cat([torch.randn(images.shape, generator=generator, device=noise_device,
+                                               dtype=images.dtype) for _ in group]).to(images.device)
+                sigma = group.to(images.dtype).repeat_interleave(n).to(images.device)
+                clean = images.repeat(len(group), *([1] * (images.ndim - 1)))
+                noisy = clean + sigma.reshape(-1, *([1] * (images.ndim - 1))) * noise
+                labels = class_labels.repeat(len(group), 1) if class_labels is not None else None
+                per_image = []
+                for i in range(0, len(noisy), batch_size):
+                    part = slice(i, i + batch_size)
+                    denoised = denoiser(noisy[part], sigma[part], labels[part] if labels is not None else None)
+                    per_image.append((denoised - clean[part]).to(torch.float64).square().flatten(1).sum(1).cpu())
+                squared_error[first:first + len(group)] = torch.cat(per_image).reshape(len(group), n).sum(1)
+    finally:
+        for module, training in modes:
+            module.training = training
+    pixels = images[0].numel()
+    return weighting(sigmas) * squared_error / (n * pixels)
+
+
+def noise_density(noise: NoiseDistribution, sigmas: Tensor, num_draws: int = 1 << 20,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """p(ln sigma) of a noise distribution at increasing `sigmas` (float64), from a histogram of `num_draws` draws.
+
+    Each grid point's bin reaches halfway (in ln sigma) to its neighbours, and as far beyond the
+    ends; draws outside the bins are counted in the total only. Works for every distribution,
+    the discrete iDDPM table included (its mass per bin over the bin's width).
+    """
+    log_sigma = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu().log()
+    if len(log_sigma) < 2 or not bool((log_sigma.diff() > 0).all()):
+        raise ValueError("noise_density needs >= 2 increasing noise levels")
+    middles = (log_sigma[1:] + log_sigma[:-1]) / 2
+    edges = torch.cat([2 * log_sigma[:1] - middles[:1], middles, 2 * log_sigma[-1:] - middles[-1:]])
+    draws = noise(num_draws, generator=generator).to(torch.float64).cpu().log()
+    counts = torch.histogram(draws, bins=edges).hist
+    return counts / (num_draws * edges.diff())

@@ -3,7 +3,8 @@
 `sample` takes x from t_0 down to t_N = 0 over the time steps of a discretization with a solver
 (`edm_lab.design.solvers`); the ODE solvers integrate the probability-flow ODE
     dx/dt = (sigma'(t)/sigma(t) + s'(t)/s(t)) x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t)),
-optionally raising the noise level before each step (churn, Algorithm 2). The state is float64.
+optionally raising the noise level before each step (churn, Algorithm 2); the adaptive `RK45` takes
+its own steps, per sample, from t_0 to t_{N-1}. The state is float64.
 `Problem` is what every solver is handed.
 """
 from __future__ import annotations
@@ -42,22 +43,38 @@ class Denoiser(Protocol):
 
 
 class CountingDenoiser:
-    """Counts denoiser calls: the sampler's NFE is measured, never derived from a formula."""
+    """Counts denoiser calls: the sampler's NFE is measured, never derived from a formula.
+
+    `calls` counts the calls. A solver whose samples take their own steps passes `active`, the mask of
+    the batch's samples a call evaluates; from then on `per_sample` holds each sample's own count.
+    """
 
     def __init__(self, net: Denoiser) -> None:
         self.net, self.calls = net, 0
+        self.per_sample: Tensor | None = None
 
-    def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None,
+                 active: Tensor | None = None) -> Tensor:
+        if active is not None and self.per_sample is None:  # the calls before evaluated every sample
+            self.per_sample = torch.full(active.shape, self.calls, dtype=torch.int64, device=active.device)
+        if self.per_sample is not None:
+            self.per_sample += 1 if active is None else active
         self.calls += 1
         return self.net(x, sigma, class_labels)
 
 
 @dataclass
 class SampleResult:
-    """Final samples (float64) and the number of denoiser evaluations each one cost."""
+    """Final samples (float64) and the denoiser evaluations they cost.
+
+    `nfe` is the number of denoiser calls, each sample's NFE when all take the same steps. A solver
+    whose samples take their own steps (`RK45`) also gives each sample's own count, `nfe_per_sample`
+    (int64, one per sample).
+    """
 
     x: Tensor
     nfe: int
+    nfe_per_sample: Tensor | None = None
 
 
 def round_sigma(net: Denoiser, sigma: Tensor) -> Tensor:
@@ -121,18 +138,25 @@ class Problem:
     def s(self, t: Tensor) -> Tensor:
         return self.scaling.s(t)
 
-    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
-        """D(x / s(t); sigma(t)) in float64: one denoiser evaluation."""
-        return self.D(x / self.s(t), self.sigma(t), self.class_labels).to(torch.float64)
+    def denoise(self, x: Tensor, t: Tensor, active: Tensor | None = None) -> Tensor:
+        """D(x / s(t); sigma(t)) in float64: one denoiser evaluation.
+
+        With `active`, the mask of the batch's samples that x holds, t is theirs one each (shaped to
+        broadcast against x): D gets their sigmas as a vector, and each of them is charged one evaluation.
+        """
+        if active is None:
+            return self.D(x / self.s(t), self.sigma(t), self.class_labels).to(torch.float64)
+        labels = None if self.class_labels is None else self.class_labels[active]
+        return self.D(x / self.s(t), self.sigma(t).flatten(), labels, active).to(torch.float64)
 
     def drift(self, x: Tensor, t: Tensor, denoised: Tensor) -> Tensor:
         """dx/dt of the probability-flow ODE at (x, t), given D's output there."""
         sigma, sigma_deriv, s, s_deriv = self.sigma(t), self.sigma_deriv(t), self.s(t), self.scaling.s_deriv(t)
         return (sigma_deriv / sigma + s_deriv / s) * x - sigma_deriv * s / sigma * denoised
 
-    def dx_dt(self, x: Tensor, t: Tensor) -> Tensor:
-        """dx/dt of the probability-flow ODE: one denoiser evaluation."""
-        return self.drift(x, t, self.denoise(x, t))
+    def dx_dt(self, x: Tensor, t: Tensor, active: Tensor | None = None) -> Tensor:
+        """dx/dt of the probability-flow ODE: one denoiser evaluation (`active`: see `denoise`)."""
+        return self.drift(x, t, self.denoise(x, t, active))
 
     def churn_up(self, x: Tensor, i: int, t_cur: Tensor) -> tuple[Tensor, Tensor]:
         """Algorithm 2, lines 4-6: raise the noise level to sigma_hat = sigma (1 + gamma_i) with fresh noise.
@@ -169,7 +193,7 @@ def sample(net: Denoiser, latents: Tensor, num_steps: int, *,
     problem = Problem(net, t_steps, schedule, (scaling or NoScaling()).bind(schedule), churn, class_labels,
                       randn_like, progress)
     x = latents.to(torch.float64) * (problem.sigma(t_steps[0]) * problem.s(t_steps[0]))
-    return SampleResult(x=solver(problem, x), nfe=problem.D.calls)
+    return SampleResult(x=solver(problem, x), nfe=problem.D.calls, nfe_per_sample=problem.D.per_sample)
 
 
 def stochastic(solver: Solver, churn: Churn) -> bool:

@@ -70,7 +70,7 @@ class SeedShards(DistributedSampler):
 class SamplingModule(L.LightningModule):
     """Samples seeds with a sampler and keeps, per seed, what the evaluation needs.
 
-    Per predict batch, on the rank's device: the samples; their features (`extractor`, in chunks
+    Per predict batch, on the rank's device: the samples; each one's NFE; their features (`extractor`, in chunks
     of `feature_batch_size`, inputs cast to `feature_dtype`, autocast off so the trainer's
     precision cannot change the metric); the sum of squared differences to `reference` (a CPU
     tensor of the samples of seeds first_seed, first_seed + 1, ...); the samples themselves for
@@ -94,7 +94,8 @@ class SamplingModule(L.LightningModule):
     def reset(self) -> None:
         """Forget the parts of an earlier predict run."""
         self.parts: list[dict[str, Tensor]] = []
-        self.nfe: set[int] = set()
+        self.nfe: set[int] = set()  # denoiser calls per batch
+        self.nfe_varies = False  # a batch reported per-sample NFE (an adaptive solver)
         self.sampling_seconds = 0.0
 
     def predict_step(self, seeds: Tensor, batch_idx: int) -> int:
@@ -105,9 +106,14 @@ class SamplingModule(L.LightningModule):
         _synchronize(self.device)
         self.sampling_seconds += time.perf_counter() - start
         self.nfe.add(result.nfe)
+        nfe = result.nfe_per_sample
+        if nfe is None:
+            nfe = torch.full((len(seed_list),), result.nfe, dtype=torch.int64)
+        else:
+            self.nfe_varies = True
         x = result.x.to(torch.float64)
         offsets = torch.tensor(seed_list, dtype=torch.int64) - self.first_seed
-        part = {"offset": offsets}
+        part = {"offset": offsets, "nfe": nfe.cpu()}
         if self.extractor is not None:
             part["features"] = self._features(x).cpu()
         if self.reference is not None:
@@ -131,9 +137,14 @@ class SamplingModule(L.LightningModule):
 
 @dataclass
 class Generated:
-    """What `generate` gathered from every rank, in seed order (index i: the module's first_seed + i)."""
+    """What `generate` gathered from every rank, in seed order (index i: the module's first_seed + i).
 
-    nfe: int
+    `nfe` is the NFE of a sample: the exact int where every batch reported one for all its samples
+    (fixed-step solvers, which must agree), else the mean over the samples of their own NFE (a float).
+    """
+
+    nfe: int | float
+    nfe_per_sample: Tensor        # (N,) int64: each sample's denoiser evaluations
     features: Tensor | None       # (N, num_features) float64, when the module had an extractor
     squared_error: Tensor | None  # (N,) float64 sums over each sample's elements, when it had a reference
     samples: Tensor               # (K, *sample_shape) float64: the first K seeds' samples (keep_samples)
@@ -166,7 +177,7 @@ def generate(trainer: L.Trainer, module: SamplingModule, num_samples: int, batch
     # Gathered here rather than in a predict hook: the process group outlives predict, and all
     # ranks reach this point whatever their number of batches.
     strategy, device, parts = trainer.strategy, trainer.strategy.root_device, module.parts
-    main = {"offset": _cat(parts, "offset", (), torch.int64)}
+    main = {"offset": _cat(parts, "offset", (), torch.int64), "nfe": _cat(parts, "nfe", (), torch.int64)}
     if module.extractor is not None:
         main["features"] = _cat(parts, "features", (module.num_features,), torch.float64)
     if module.reference is not None:
@@ -177,12 +188,16 @@ def generate(trainer: L.Trainer, module: SamplingModule, num_samples: int, batch
     _check_offsets(main["offset"], num_samples, "every seed")
     num_kept = num_samples if module.keep_samples is None else min(module.keep_samples, num_samples)
     _check_offsets(kept["offset"], num_kept, "the kept samples' seeds")
-    per_rank = _all_objects(strategy, (sorted(module.nfe), module.sampling_seconds))
-    nfe = {n for rank_nfe, _ in per_rank for n in rank_nfe}
-    if len(nfe) != 1:
-        raise RuntimeError(f"batches disagree on NFE: {sorted(nfe)}")
-    return Generated(nfe.pop(), main.get("features"), main.get("squared_error"), kept["samples"],
-                     max(seconds for _, seconds in per_rank))
+    per_rank = _all_objects(strategy, (sorted(module.nfe), module.nfe_varies, module.sampling_seconds))
+    if any(varies for _, varies, _ in per_rank):
+        nfe = float(main["nfe"].to(torch.float64).mean())
+    else:
+        batch_nfe = {n for rank_nfe, _, _ in per_rank for n in rank_nfe}
+        if len(batch_nfe) != 1:
+            raise RuntimeError(f"batches disagree on NFE: {sorted(batch_nfe)}")
+        nfe = batch_nfe.pop()
+    return Generated(nfe, main["nfe"], main.get("features"), main.get("squared_error"), kept["samples"],
+                     max(seconds for _, _, seconds in per_rank))
 
 
 def _synchronize(device: torch.device) -> None:

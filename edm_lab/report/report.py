@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from edm_lab.atomic import atomic_write_bytes, atomic_write_text
+from edm_lab.report import loss_profile
 from edm_lab.track.store import ResultsStore
 
 __all__ = ["KNOWN_METRICS", "configurations", "default_metrics", "format_value", "line_styles", "markdown_table",
@@ -212,16 +213,18 @@ def _best_per_budget(cells: pd.DataFrame, metric: str) -> str:
 
 
 DIVERGED = 1e4  # a value above this multiple of the median of its metric's values counts as diverged
-_MARKERS = "osDvP*Xh<>pd"  # no "^": it marks diverged values
+_MARKERS = "osDvPXh<>pd"  # no "^" nor "*": they mark diverged values and the paper reports' 3 % points
 _DASHES = ["-", "--", ":", "-."]
 
 
-def line_styles(labels: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """A fixed colour, marker and dash per configuration, so it looks the same in every plot of a report."""
+def line_styles(labels: Iterable[str], sort: bool = True) -> dict[str, dict[str, Any]]:
+    """A fixed colour, marker and dash per configuration, so it looks the same in every plot of a report
+    (in natural order of the labels, or as given with `sort=False`)."""
     colours = [f"C{i}" for i in range(10)]
+    labels = list(dict.fromkeys(labels))
     return {label: {"color": colours[i % 10], "marker": _MARKERS[i % len(_MARKERS)],
                     "linestyle": _DASHES[(i // 10) % len(_DASHES)]}
-            for i, label in enumerate(sorted(set(labels), key=_natural_key))}
+            for i, label in enumerate(sorted(labels, key=_natural_key) if sort else labels)}
 
 
 def divergence_cap(values: pd.Series) -> float:
@@ -397,7 +400,8 @@ def _sorted_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _remove_stale_plots(out_dir: Path, keep: set[str]) -> None:
     # A metric that vanished from the report must not leave a plot that looks current.
-    for path in [*out_dir.glob("*" + PLOT_SUFFIX), *out_dir.glob("*" + KIMG_PLOT_SUFFIX)]:
+    for path in [*out_dir.glob("*" + PLOT_SUFFIX), *out_dir.glob("*" + KIMG_PLOT_SUFFIX),
+                 *out_dir.glob(loss_profile.PLOT)]:
         if path.name not in keep:
             try:
                 path.unlink()
@@ -455,8 +459,8 @@ def write_report(
             available = ", ".join(default_metrics(frame)) or "none"
             raise ValueError(f"unknown metric column(s) {unknown}; metric columns present: {available}")
 
-    training = _is_training(frame)
-    sampling = frame[~training]
+    training, profiles = _is_training(frame), loss_profile.is_loss_profile(frame)
+    sampling = frame[~training & ~profiles]
     md += [f"Generated from {len(frame)} result rows. All metrics are lower-is-better"
            + ("; in the NFE tables rows are configurations, columns are NFE (number of denoiser evaluations)."
               if not sampling.empty else "."), ""]
@@ -495,6 +499,10 @@ def write_report(
 
     if training.any():
         md += _training_section(frame[training], metrics, title, plots)
+    if profiles.any():
+        section, pngs = loss_profile.loss_profile_section(frame[profiles], title)
+        md += [section, ""]
+        plots.update(pngs)
     md += _provenance(frame) + [""]
 
     for name, data in plots.items():

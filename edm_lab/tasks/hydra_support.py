@@ -71,7 +71,7 @@ def register_resolvers() -> None:
 
 # Folders each task writes (besides Hydra's job folder): probed before any work.
 WRITES = {"sample": ("results_dir", "cache_dir", "reports_dir"), "train": ("results_dir", "cache_dir", "reports_dir"),
-          "fid_ref": ("cache_dir", "reports_dir"), "report": ("reports_dir",)}
+          "fid_ref": ("cache_dir", "reports_dir"), "report": ("reports_dir",), "paper": ("reports_dir",)}
 
 
 def preflight(cfg: DictConfig, job: str = "") -> None:
@@ -191,11 +191,13 @@ def run_task(cfg: DictConfig) -> Any:
         return run_train(cfg, _choices(), sweep=sweep_id(), project_root=PROJECT_ROOT)
     if name == "report":
         return regenerate_report(cfg)
+    if name == "paper":
+        return regenerate_paper(cfg)
     if name == "fid_ref":
         from edm_lab.tasks.fid_ref import run_fid_ref
 
         return run_fid_ref(cfg)
-    raise ConfigError(f"task.name={name}: expected one of sample, train, report, fid_ref")
+    raise ConfigError(f"task.name={name}: expected one of sample, train, report, paper, fid_ref")
 
 
 def _choices() -> dict[str, str]:
@@ -232,19 +234,36 @@ def report_scope(cfg: DictConfig, folder: Path | None = None) -> tuple[set | Non
     return read_manifests(folder), f"sweep {'/'.join(folder.parts[-2:])}"
 
 
-def regenerate_report(cfg: DictConfig, folder: Path | None = None) -> Path:
-    """Rewrite the report folder from the rows of one scope (see `report_scope`), filtered by `task.where`."""
-    from edm_lab.report.report import select_rows, write_report
+def _scoped_rows(cfg: DictConfig, folder: Path | None = None) -> tuple[Any, str]:
+    """The store's rows of the scope (`report_scope`), filtered by `task.where`; and the scope's description."""
+    from edm_lab.report.report import select_rows
     from edm_lab.track.store import ResultsStore
 
     keys, scope = report_scope(cfg, folder)
-    where = cfg.task.get("where") if cfg.task.name == "report" else None
+    where = cfg.task.get("where") if cfg.task.name in ("report", "paper") else None
     try:
         frame = select_rows(ResultsStore(cfg.paths.results_dir).load(), keys, where)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    return frame, scope + (f" where {where}" if where else "")
+
+
+def regenerate_paper(cfg: DictConfig) -> Path:
+    """Write `task.dest` (reports/paper/): the paper's artifacts from the scoped rows."""
+    from edm_lab.report.paper import write_paper_reports
+
+    frame, scope = _scoped_rows(cfg)
+    path = write_paper_reports(frame, Path(str(cfg.task.dest)), scope)
+    print(f"paper reports: {path} ({scope}, {len(frame)} rows)")
+    return path
+
+
+def regenerate_report(cfg: DictConfig, folder: Path | None = None) -> Path:
+    """Rewrite the report folder from the rows of one scope (see `report_scope`), filtered by `task.where`."""
+    from edm_lab.report.report import write_report
+
+    frame, scope = _scoped_rows(cfg, folder)
     metrics = cfg.task.get("metrics") if cfg.task.name == "report" else None
-    scope += f" where {where}" if where else ""
     path = write_report(frame, cfg.paths.reports_dir, metrics=list(metrics) if metrics else None,
                         title=f"edm-lab report: {scope}")
     print(f"report: {path} ({scope}, {len(frame)} rows)")
@@ -255,7 +274,7 @@ class RegenerateReport(Callback):
     """Regenerates the report of a run, or a whole multirun, once it has ended (its own rows only)."""
 
     def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if config.task.name != "report" and job_return is not None:
+        if config.task.name not in ("report", "paper") and job_return is not None:
             self._write(config, lambda: Path(job_return.hydra_cfg.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

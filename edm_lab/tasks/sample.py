@@ -98,6 +98,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
                sweep: str = "local", project_root: Path | None = None) -> list[dict[str, Any]]:
     """Evaluate the configured sampler at each step count and repeat; returns the rows (stored or reused)."""
     schema.check(cfg)  # run.py checked it already; direct callers get the same check
+    schema.normalize(cfg)
     steps_list = schema.steps(cfg)
     axes = {name: instantiate(cfg[name]) for name in AXES}  # raises on bad values before any work
     trainer = instantiate(cfg.trainer)  # an unavailable accelerator fails here, before any output
@@ -145,7 +146,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
                     row = {**identity, **row}
                     if main:
                         store.write(row)  # only complete rows are ever written
-                        log.info("steps=%d repeat=%d nfe=%d %s=%.4g sampler_rmse=%s (%.1fs, %.0f img/s)", num_steps,
+                        log.info("steps=%d repeat=%d nfe=%g %s=%.4g sampler_rmse=%s (%.1fs, %.0f img/s)", num_steps,
                                  repeat, row["nfe"], metric, row[metric], _fmt(row["sampler_rmse"]), row["seconds"],
                                  row["images_per_second"])
                 rows.append(row)

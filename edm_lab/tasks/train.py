@@ -3,7 +3,8 @@
 Builds the network for the data set, trains it with the paper's recipe through Lightning
 (checkpoints, resume, DDP, precision from the `trainer` group), evaluates the EMA every
 `task.eval_kimg` with the configured sampler, and saves the final EMA network in this
-project's checkpoint format for `model=checkpoint`.
+project's checkpoint format for `model=checkpoint`. With `task.loss_profile` it also stores the
+training loss per noise level of the initial and of the final EMA network (Figure 5a).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from edm_lab.checkpoints.resume import check_resume_checkpoint
 from edm_lab.checkpoints.snapshot import save_checkpoint
-from edm_lab.data.datamodule import ImageDataModule
-from edm_lab.design.losses import DenoisingLoss
+from edm_lab.data.datamodule import ImageDataModule, one_hot_labels
+from edm_lab.design.losses import DenoisingLoss, loss_per_sigma, noise_density, sigma_grid
 from edm_lab.design.sampler import sample
 from edm_lab.evaluate.sampling import SamplingModule, frechet_from_features
 from edm_lab.nets.denoisers import network_denoiser
@@ -78,10 +79,48 @@ class EvaluateEMA(L.Callback):
                 logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 
 
+LOSS_PROFILE_SIGMA_RANGE = (0.002, 80.0)  # the EDM sampler's [sigma_min, sigma_max]
+
+
+class LossProfile(L.Callback):
+    """The training loss per noise level (Figure 5a) on a fixed subset of the training images.
+
+    `initial` is set by the caller before fit; `final` (the EMA network) is measured at the end of
+    training, while the network is still on its device. Attach it on rank 0 only.
+    """
+
+    def __init__(self, cfg: DictConfig, dataset, loss: DenoisingLoss) -> None:
+        t = cfg.task
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:t.loss_profile_images]
+        self.images = dataset.samples[pick]
+        self.labels = one_hot_labels(dataset)[pick] if t.class_conditional else None
+        self.sigmas = sigma_grid(t.loss_profile_sigmas, *LOSS_PROFILE_SIGMA_RANGE)
+        self.weighting, self.seed, self.batch_size = loss.weighting, int(cfg.seed), int(cfg.batch_size)
+        self.initial: list[float] | None = None
+        self.final: list[float] | None = None
+        self.kimg: float | None = None
+
+    def measure(self, net: torch.nn.Module) -> list[float]:
+        """The training loss of `net` at each sigma of the grid."""
+        device = next(net.parameters()).device
+        began = time.perf_counter()
+        # The same noise for every network measured: their difference is the training, not the draws.
+        loss = loss_per_sigma(net, self.images.to(device), self.sigmas, self.weighting,
+                              self.labels.to(device) if self.labels is not None else None,
+                              generator=torch.Generator().manual_seed(self.seed), batch_size=self.batch_size)
+        log.info("loss profile: %d noise levels x %d images in %.1fs", len(self.sigmas), len(self.images),
+                 time.perf_counter() - began)
+        return loss.tolist()
+
+    def on_train_end(self, trainer: L.Trainer, module: DiffusionModule) -> None:
+        self.final, self.kimg = self.measure(module.ema), module.kimg
+
+
 def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
               project_root: Path | None = None) -> dict[str, Any]:
     """Train; returns the final evaluation and where the checkpoints went."""
     schema.check(cfg)  # run.py checked it already; direct callers get the same check
+    schema.normalize(cfg)
     t = cfg.task
     if t.resume is not None:
         try:
@@ -117,6 +156,12 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
         # Built once the trainer knows its device: the data set's reference features are extracted there.
         evaluate = _evaluator(cfg, choices, dataset, axes, sweep, project_root, trainer.strategy.root_device)
         trainer.callbacks.insert(0, EvaluateEMA(t.eval_kimg, evaluate))
+    profile = LossProfile(cfg, dataset, loss) if t.loss_profile and trainer.is_global_zero else None
+    if profile is not None:
+        # The network as initialised (a resumed run loads its checkpoint only inside fit), on the training device.
+        profile.initial = profile.measure(denoiser.to(trainer.strategy.root_device))
+        denoiser.cpu()
+        trainer.callbacks.append(profile)
 
     data = ImageDataModule(dataset, batch_gpu, num_workers=t.num_workers, xflip=t.xflip, seed=cfg.seed,
                            use_labels=t.class_conditional, start=lambda: module.cur_nimg)
@@ -127,8 +172,11 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
         _finish_wandb(trainer)
     result = {"kimg": module.kimg, "seconds": time.perf_counter() - began, "checkpoints": str(checkpoints.dirpath)}
     if trainer.is_global_zero:
-        if t.eval_kimg:
-            write_manifest(output_dir, evaluate.rows)
+        rows = list(evaluate.rows) if t.eval_kimg else []
+        if profile is not None and profile.final is not None:  # None: fit had nothing left to train
+            rows.append(_write_profile(cfg, choices, sweep, project_root, loss, profile))
+        if rows:
+            write_manifest(output_dir, rows)
         final = save_checkpoint(module.ema, output_dir / f"network-snapshot-{int(module.kimg):06d}.safetensors",
                                 extra={"kimg": module.kimg, "git_commit": git_commit(project_root or Path.cwd())})
         result["network"] = str(final)
@@ -159,7 +207,8 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 
 # Task keys that change neither the network at a given kimg nor its evaluation: a resumed or
 # extended run keeps its run hash, so the report draws it as one curve.
-UNHASHED_TASK_KEYS = ("resume", "duration_kimg", "snapshot_kimg", "log_kimg", "eval_kimg", "num_workers")
+UNHASHED_TASK_KEYS = ("resume", "duration_kimg", "snapshot_kimg", "log_kimg", "eval_kimg", "num_workers",
+                      "loss_profile", "loss_profile_sigmas", "loss_profile_images")
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -170,6 +219,15 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     identity["seed"] = cfg.seed
     identity["precision"] = str(cfg.trainer.get("precision", "32-true"))  # Lightning's default
     return identity
+
+
+def run_label(choices: Mapping[str, str]) -> str:
+    """The name of a training run in the report, shared by all of its rows."""
+    # A paper preset names the run (configs A-C differ only in hyperparameters the axes do not show).
+    return " ".join(filter(None, [choices.get("experiment"), "train",
+                                  (f"{choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
+                                   f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
+                                   f"augment={choices.get('augment')}")]))
 
 
 def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep: str, project_root: Path | None,
@@ -185,11 +243,7 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
     # A row is one evaluation: of this run's network at kimg, with this sampler and sample count.
     evaluation = {**run, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in AXES},
                   "num_samples": cfg.num_samples}
-    # A paper preset names the run (configs A-C differ only in hyperparameters the axes do not show).
-    label = " ".join(filter(None, [choices.get("experiment"), "train",
-                                   (f"{choices.get('data')}/{choices.get('net')}/{choices.get('precond')} "
-                                    f"noise={choices.get('noise')} weighting={choices.get('weighting')} "
-                                    f"augment={choices.get('augment')}")]))
+    label = run_label(choices)
     commit = git_commit(project_root or Path.cwd())
     first, end = int(cfg.seed), int(cfg.seed) + int(cfg.num_samples)
 
@@ -218,3 +272,20 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
 
     evaluate.rows = []  # every row written, for the job's manifest
     return evaluate
+
+
+def _write_profile(cfg: DictConfig, choices: Mapping[str, str], sweep: str, project_root: Path | None,
+                   loss: DenoisingLoss, profile: LossProfile) -> dict[str, Any]:
+    """Store the run's loss profile as one row (task "loss_profile"); returns it for the manifest."""
+    run, sigmas = run_identity(cfg), profile.sigmas
+    # One row per run and profile grid: an extended or resumed run replaces it with its later final network.
+    settings = {"sigmas": len(sigmas), "sigma_range": list(LOSS_PROFILE_SIGMA_RANGE), "images": len(profile.images)}
+    p_sigma = noise_density(loss.noise, sigmas, generator=torch.Generator().manual_seed(profile.seed))
+    row = {"config_hash": config_hash({**run, "loss_profile": settings}), "run_hash": config_hash(run),
+           "num_steps": len(sigmas), "nfe": 2 * len(sigmas), "label": run_label(choices), "task": "loss_profile",
+           "sweep": sweep, "kimg": profile.kimg, "sigma": sigmas.tolist(), "loss_initial": profile.initial,
+           "loss_final": profile.final, "p_sigma": p_sigma.tolist(), "num_images": len(profile.images),
+           **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment")},
+           "seed": cfg.seed, "git_commit": git_commit(project_root or Path.cwd())}
+    ResultsStore(cfg.paths.results_dir).write(row)
+    return row

@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -41,8 +42,9 @@ _ROW_GLOB = "steps-*.json"
 _ROW_NAME = re.compile(r"^steps-(-?\d+)(?:-r(\d+))?\.json$")
 # A hash becomes a directory name: refuse anything that could escape the store or hide.
 _SAFE_HASH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
-# What every row must hold to be used, with its type (repeat is optional: old rows are repeat 0).
-REQUIRED: dict[str, type] = {"config_hash": str, "num_steps": int, "nfe": int, "label": str}
+# What every row must hold to be used, with its type (repeat is optional: old rows are repeat 0). A
+# fixed-step solver's nfe is an int, an adaptive one's the mean over the samples of their own NFE.
+REQUIRED: dict[str, type] = {"config_hash": str, "num_steps": int, "nfe": numbers.Real, "label": str}
 
 
 def _plain(obj: Any) -> Any:
