@@ -172,3 +172,17 @@ def test_no_rows_no_artifacts(tmp_path):
     index = write_paper_reports(pd.DataFrame(), tmp_path).read_text()
     assert "No rows for: figure2, figure4, churn_sensitivity, loss_per_noise_level" in index
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_black_box_rk45_point_joins_its_panel():
+    base = dict(precond="ve", scaling="none", fd_raw=1.0, data="toy2d", model="ideal", num_samples=32, seed=0,
+                S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0, checkpoint=None)
+    rows = [dict(base, config_hash="a", schedule="ve", discretization="ve", solver="euler", nfe=n, num_steps=n,
+                 fd_raw=10.0 / n) for n in (4, 8)]
+    rows.append(dict(base, config_hash="b", schedule="ve", discretization="ve", solver="rk45", nfe=456.254,
+                     num_steps=18, fd_raw=0.5))
+    text = figure2(pd.DataFrame(rows)).markdown
+    table = first_table(section(text, "## VE: ideal denoiser"))
+    assert table["curve"] == ["4", "8", "456.3", "best", "within 3% at"]
+    assert table["black-box RK45 (original sigma(t), s(t))"] == ["—", "—", "0.5", "0.5", "456.3"]
+    assert "was not run" not in text

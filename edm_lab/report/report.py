@@ -77,7 +77,7 @@ def format_value(value: Any) -> str:
 
 def _format_nfe(value: Any) -> str:
     number = float(value)
-    return str(int(number)) if number.is_integer() else f"{number:g}"
+    return str(int(number)) if number.is_integer() else f"{number:.4g}"  # a mean NFE (rk45): 157.9
 
 
 def _cell(text: Any) -> str:
