@@ -131,10 +131,9 @@ def test_paper_task_writes_every_artifact(store):
     table = first_table(vp)
     expected = frame[(frame.precond == "vp") & (frame.solver == "euler") & (frame.discretization == "vp")
                      & (frame.num_samples == 32)].sort_values("nfe")
-    cells = dict(zip(table["curve"], table["original sampler (Euler, VP time steps)"]))
-    assert [cells[str(n)] for n in expected["nfe"]] == [f"{v:.4g}" for v in expected["fd_raw"]]
-    assert list(table)[1:] == ["original sampler (Euler, VP time steps)", "+ Heun and EDM time steps",
-                               "+ EDM sigma(t) and s(t)"]
+    assert table["NFE"] == ["original sampler (Euler, VP time steps)", "+ Heun and EDM time steps",
+                            "+ EDM sigma(t) and s(t)"]  # one column per curve, in the paper's order
+    assert [table[str(n)][0] for n in expected["nfe"]] == [f"{v:.4g}" for v in expected["fd_raw"]]
     assert "2.85 at 256 [S]" in vp and "not comparable" in vp and "data=toy2d" in vp
 
 
@@ -142,13 +141,13 @@ def test_figure4_and_churn_panels(store):
     regenerate_paper(compose_cfg(store, "task=paper"))
     text = (store / "reports" / "paper" / "figure4.md").read_text()
     table = first_table(section(text, "## VP: ideal denoiser"))
-    assert list(table)[1:] == ["deterministic (Algorithm 1)", "Algorithm 2, Table 5 (cifar10_vp)", "S_min, S_max disabled",
+    assert table["NFE"] == ["deterministic (Algorithm 1)", "Algorithm 2, Table 5 (cifar10_vp)", "S_min, S_max disabled",
                            "S_noise = 1", "S_min, S_max disabled and S_noise = 1",
                            "original stochastic sampler (euler maruyama)"]
     assert "S_churn=30, S_min=0.01, S_max=1, S_noise=1.007" in text and "2.27 at 383 [S]" in text
-    churn = (store / "reports" / "paper" / "churn.md").read_text()
-    header = [ln for ln in churn.splitlines() if ln.startswith("| curve")][0]
-    assert [c.strip() for c in header.strip("|").split("|")][1:4] == ["0", "10", "30"]
+    churn = first_table(section((store / "reports" / "paper" / "churn.md").read_text(), "## VP: ideal denoiser"))
+    assert churn["S_churn"] == ["4 steps", "6 steps", "8 steps"]  # the Figure 4 runs at S_churn 30 count too
+    assert list(churn)[1:4] == ["0", "10", "30"] and churn["0"][0] == "—" and churn["30"][0] != "—"
 
 
 def test_within_three_percent_marker():
@@ -170,7 +169,7 @@ def test_comparable_only_with_the_papers_network_and_fid():
 
 def test_no_rows_no_artifacts(tmp_path):
     index = write_paper_reports(pd.DataFrame(), tmp_path).read_text()
-    assert "No rows for: figure2, figure4, churn_sensitivity, loss_per_noise_level" in index
+    assert "No rows for: figure2, figure4, churn_sensitivity, table2, loss_per_noise_level" in index
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -183,6 +182,55 @@ def test_the_black_box_rk45_point_joins_its_panel():
                      num_steps=18, fd_raw=0.5))
     text = figure2(pd.DataFrame(rows)).markdown
     table = first_table(section(text, "## VE: ideal denoiser"))
-    assert table["curve"] == ["4", "8", "456.3", "best", "within 3% at"]
-    assert table["black-box RK45 (original sigma(t), s(t))"] == ["—", "—", "0.5", "0.5", "456.3"]
+    assert table["NFE"] == ["original sampler (Euler, VE time steps)", "black-box RK45 (original sigma(t), s(t))"]
+    assert (table["8"], table["456.3"], table["within 3% at"]) == (["1.25", "—"], ["—", "0.5"], ["8", "456.3"])
     assert "was not run" not in text
+
+
+def training_row(run: str, net: str, axes: tuple, kimg: float, value: float, **extra) -> dict:
+    precond, noise, weighting, augment = axes
+    return {**dict(task="train", run_hash=run, config_hash=f"{run}{kimg}", net=net, precond=precond, noise=noise,
+                   weighting=weighting, augment=augment, kimg=kimg, fd_classifier=value, nfe=35, num_steps=18,
+                   data="digits", num_samples=512, label="train_digits train digits"), **extra}
+
+
+def test_table2_from_the_final_evaluations():
+    from edm_lab.report.paper.table2 import table2
+
+    vp, edm = ("vp", "vp", "vp", None), ("edm", "edm", "edm", "edm")
+    rows = [training_row("a", "ddpmpp_small", vp, 50, 9.0), training_row("a", "ddpmpp_small", vp, 100, 4.0),
+            training_row("f", "ddpmpp_small", edm, 100, 3.0), training_row("f2", "ddpmpp_small", edm, 100, 3.5),
+            training_row("e", "ncsnpp_small", ("edm", "edm", "edm", "none"), 100, 2.0),
+            training_row("b", "ddpmpp_cifar10", vp, 200000, 2.2, class_conditional=True, data="image_folder",
+                         label="cifar10_b_vp train image_folder/ddpmpp_cifar10/vp"),
+            training_row("x", "ddpmpp_small", ("edm", "vp", "edm", "none"), 100, 1.0)]  # none of Table 2's
+    text = table2(pd.DataFrame(rows)).markdown
+    table = first_table(section(text, "## data=digits, 512 samples, NFE 35"))  # each setup its own table
+    assert table["config"] == ["uncond. VP: ours (kimg)", "uncond. VE (no paper column): ours (kimg)",
+                               "uncond. VP: paper"]
+    assert table["A baseline (Song et al.)"] == ["4 (100)", "—", "3.01 at 35 [S]"]  # the last evaluation, not 9
+    assert table["F non-leaky augmentation"] == ["3 (100) [f]; 3.5 (100) [f2]", "—", "1.97 at 35 [A]"]
+    assert table["E EDM loss function"] == ["—", "2 (100)", "2.05 at 35 [S]"]
+    assert "Not comparable" in text
+    cifar = first_table(section(text, "## data=image_folder, 512 samples, NFE 35"))
+    assert cifar["B adjusted hyperparameters"] == ["2.2 (200000)", "2.18 at 35 [S]"]  # named by its preset
+
+
+def test_the_miniature_commands_compose_and_pass_the_schema(tmp_path, monkeypatch):
+    """Every command of `python -m edm_lab.tasks.miniature` is a valid config (its networks stand in as files)."""
+    from edm_lab.tasks import miniature, schema
+
+    monkeypatch.chdir(PROJECT_ROOT)  # sweeps/ is found from the project root
+    fresh = miniature.commands(tmp_path, 300)
+    trainings = [c for c in fresh if "experiment=train_digits" in c]
+    assert len(fresh) == 4 + 2 * 4 + 1  # 4 trainings, 4 sampling commands per panel, the paper report
+    assert len(trainings) == 4 and all("task.duration_kimg=300" in c for c in trainings)
+    for name in miniature.RUNS:  # trained: a resumed miniature skips their training
+        path = miniature.network_path(tmp_path, name, 300)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("stand-in")
+    resumed = miniature.commands(tmp_path, 300)
+    assert resumed == fresh[4:]
+    for cmd in fresh:
+        overrides = [o for o in cmd if o != "-m" and not o.startswith(("hydra.", "paths.root"))]
+        schema.check(compose_cfg(tmp_path, *overrides))

@@ -221,6 +221,12 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     return identity
 
 
+def run_columns(cfg: DictConfig, choices: Mapping[str, str]) -> dict[str, Any]:
+    """The columns that describe a training run in every row it writes (its design choices, seed, labels)."""
+    return {**{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment")},
+            "class_conditional": bool(cfg.task.class_conditional), "seed": cfg.seed}
+
+
 def run_label(choices: Mapping[str, str]) -> str:
     """The name of a training run in the report, shared by all of its rows."""
     # A paper preset names the run (configs A-C differ only in hyperparameters the axes do not show).
@@ -262,9 +268,8 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
         nfe, kimg = max(module.nfe), nimg / 1000
         row = {"config_hash": config_hash({**evaluation, "kimg": kimg}), "run_hash": run_hash,
                "num_steps": t.eval_steps, "nfe": nfe, cfg.metric.name: value, "kimg": kimg, "task": "train",
-               "sweep": sweep, "label": label,
-               **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment", *AXES)},
-               "num_samples": cfg.num_samples, "seed": cfg.seed, "git_commit": commit}
+               "sweep": sweep, "label": label, **run_columns(cfg, choices), **{k: choices.get(k) for k in AXES},
+               "num_samples": cfg.num_samples, "git_commit": commit}
         store.write(row)
         evaluate.rows.append(row)
         log.info("kimg %g: %s=%.4g (NFE %d)", kimg, cfg.metric.name, value, nfe)
@@ -285,7 +290,6 @@ def _write_profile(cfg: DictConfig, choices: Mapping[str, str], sweep: str, proj
            "num_steps": len(sigmas), "nfe": 2 * len(sigmas), "label": run_label(choices), "task": "loss_profile",
            "sweep": sweep, "kimg": profile.kimg, "sigma": sigmas.tolist(), "loss_initial": profile.initial,
            "loss_final": profile.final, "p_sigma": p_sigma.tolist(), "num_images": len(profile.images),
-           **{k: choices.get(k) for k in ("data", "net", "precond", "noise", "weighting", "augment")},
-           "seed": cfg.seed, "git_commit": git_commit(project_root or Path.cwd())}
+           **run_columns(cfg, choices), "git_commit": git_commit(project_root or Path.cwd())}
     ResultsStore(cfg.paths.results_dir).write(row)
     return row

@@ -1,7 +1,8 @@
 """The paper's figures and tables as reports laid out like the paper (`reports/paper/`).
 
 `write_paper_reports(frame, out_dir)` writes one Markdown file (with its PNGs) per artifact the rows
-can fill -- Figure 2, Figure 4, the S_churn sensitivity -- and an index. Each quotes the published
+can fill -- Figure 2, Figure 4, the S_churn sensitivity, Table 2, the training loss per noise level -- and
+an index. Each quotes the published
 numbers of `numbers.py` with their source tags and says where ours are not comparable with them.
 Free of Hydra, Lightning and W&B, like the generic report.
 """
@@ -14,6 +15,7 @@ import pandas as pd
 from edm_lab.atomic import atomic_write_bytes, atomic_write_text
 from edm_lab.report import loss_profile
 from edm_lab.report.paper.figures import Artifact, churn_sensitivity, figure2, figure4
+from edm_lab.report.paper.table2 import table2
 
 
 def loss_per_noise_level(frame: pd.DataFrame) -> Artifact | None:
@@ -21,13 +23,13 @@ def loss_per_noise_level(frame: pd.DataFrame) -> Artifact | None:
     rows = frame[loss_profile.is_loss_profile(frame)] if not frame.empty else frame
     if rows.empty:
         return None
-    section, pngs = loss_profile.loss_profile_section(rows, "Training loss per noise level")
+    section, pngs = loss_profile.loss_profile_section(rows, "Figure 5a")
     return Artifact("loss_per_noise_level", "Training loss per noise level (Figure 5a)",
                     "# Training loss per noise level (Figure 5a)\n\n" + section, pngs,
                     summary=f"{len(rows)} training runs")
 
 
-BUILDERS = (figure2, figure4, churn_sensitivity, loss_per_noise_level)
+BUILDERS = (figure2, figure4, churn_sensitivity, table2, loss_per_noise_level)
 
 
 def write_paper_reports(frame: pd.DataFrame, out_dir: str | Path, scope: str = "all rows") -> Path:

@@ -80,8 +80,9 @@ def _default_knobs(row: pd.Series) -> bool:
 
 def network_name(row: pd.Series) -> str:
     checkpoint = row.get("checkpoint")
-    if isinstance(checkpoint, str) and checkpoint:
-        return Path(checkpoint).name
+    if isinstance(checkpoint, str) and checkpoint:  # its folder too: training runs all name theirs network-snapshot-*
+        path = Path(checkpoint)
+        return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
     return "ideal denoiser" if row.get("model") == "ideal" else f"{row.get('model')} ({row.get('network')})"
 
 
@@ -138,14 +139,15 @@ def panels(frame: pd.DataFrame, classify: Callable[[pd.Series, str], str | None]
 def curve_cells(rows: pd.DataFrame, x: str = "nfe") -> pd.DataFrame:
     """Per (curve, x): the minimum over the rows (repeats of one configuration), and how many rows.
 
-    Rows of one curve come from one configuration: if several hashes share a curve (a knob the
-    curve does not name), each keeps its own line, named with its hash.
+    Each point of a curve comes from one configuration (the S_churn panel's points from one each): where
+    two configurations give the same point (a knob the curve does not name), each keeps its own line,
+    named with its hash.
     """
     rows = rows.copy()
-    hashes = rows.groupby("curve")["config_hash"].nunique()
-    split = rows["curve"].map(hashes) > 1
-    rows.loc[split, "curve"] = rows.loc[split, "curve"] + " [" + rows.loc[split, "config_hash"].str[:8] + "]"
     rows[x] = pd.to_numeric(rows[x])
+    shared = rows.groupby(["curve", x])["config_hash"].nunique().groupby(level=0).max()
+    split = rows["curve"].map(shared) > 1  # one point of the curve from two configurations: two lines
+    rows.loc[split, "curve"] = rows.loc[split, "curve"] + " [" + rows.loc[split, "config_hash"].str[:8] + "]"
     return rows.groupby(["curve", x], sort=True)["value"].agg(value="min", count="size").reset_index()
 
 
@@ -193,15 +195,13 @@ def _draw(ax, cells: pd.DataFrame, styles: dict, x: str, marks: dict, log_x: boo
 
 
 def _figure(groups: dict[Panel, pd.DataFrame], styles: dict, x: str, xlabel: str,
-            marks: dict[Panel, dict], log_x: bool = True, extra: Callable | None = None) -> bytes:
+            marks: dict[Panel, dict], log_x: bool = True) -> bytes:
     """One row of panels side by side, one legend for all of them below (outside every axes)."""
     fig = Figure(figsize=(4.6 * len(groups), 4.4), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (panel, cells) in zip(axes, groups.items()):
         _draw(ax, cells, styles, x, marks.get(panel, {}), log_x)
-        if extra is not None:
-            extra(ax, panel)
         ax.set_title(panel.title, fontsize="medium")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{panel.metric} (lower is better)")
@@ -222,15 +222,16 @@ def _figure(groups: dict[Panel, pd.DataFrame], styles: dict, x: str, xlabel: str
 
 
 def _panel_table(cells: pd.DataFrame, marks: dict, curves: Sequence[str], x: str = "nfe") -> str:
-    xs = sorted(cells[x].unique())
-    header = ["curve"] + [_format_nfe(v) for v in xs] + ["best", f"within {WITHIN:.0%} at"]
-    rows = []
-    for curve in [c for c in curves if c in set(cells["curve"])] + sorted(set(cells["curve"]) - set(curves)):
-        part = cells[cells["curve"] == curve].set_index(x)["value"]
-        best, at, _ = marks.get(curve, (math.nan, math.nan, math.nan))
-        rows.append([curve] + [format_value(part.get(v)) for v in xs]
-                    + [format_value(best), _format_nfe(at) if not math.isnan(at) else "—"])
-    return markdown_table(header, rows)
+    """One row per evaluated x (NFE or S_churn), one column per curve, then each curve's best and 3 % point."""
+    order = [c for c in curves if c in set(cells["curve"])] + sorted(set(cells["curve"]) - set(curves))
+    wide = cells.pivot(index=x, columns="curve", values="value")
+    rows = [[_format_nfe(v)] + [format_value(wide.at[v, c]) if c in wide.columns else "—" for c in order]
+            for v in sorted(wide.index)]
+    best = {c: marks.get(c, (math.nan, math.nan, math.nan)) for c in order}
+    rows.append(["best"] + [format_value(best[c][0]) for c in order])
+    rows.append([f"within {WITHIN:.0%} at"] + [_format_nfe(best[c][1]) if not math.isnan(best[c][1]) else "—"
+                                                for c in order])
+    return markdown_table([x.upper() if x == "nfe" else x] + order, rows)
 
 
 def _paper_lines(panel: Panel, ours: dict[str, tuple[float, float, float]], quoted: dict[str, tuple[str, str]]) -> list[str]:
