@@ -214,6 +214,9 @@ def test_table2_from_the_final_evaluations():
     assert "Not comparable" in text
     cifar = first_table(section(text, "## data=image_folder, 512 samples, NFE 35"))
     assert cifar["B adjusted hyperparameters"] == ["2.2 (200000)", "2.18 at 35 [S]"]  # named by its preset
+    fid = dict(rows[5], fid=2.2, fd_classifier=None)
+    measured = first_table(table2(pd.DataFrame([fid])).markdown)
+    assert measured["config"][-1] == "cond. VP: difference" and measured["B adjusted hyperparameters"][-1] == "+0.02"
 
 
 def test_the_miniature_commands_compose_and_pass_the_schema(tmp_path, monkeypatch):

@@ -78,8 +78,10 @@ def table2(frame: pd.DataFrame) -> Artifact | None:
           + ("" if metric == "fid" else f"Not comparable: {metric} on our data, not FID on CIFAR-10."), ""]
     for (data, num_samples, nfe), part in cells.groupby("setup"):
         keys = [k for k in ("cond_vp", "cond_ve", "uncond_vp", "uncond_ve") if k in set(part["key"])]
+        quoted = [k for k in keys if k in numbers.TABLE2_COLUMNS]
         header = ["config"] + [f"{_column_title(k)}: ours (kimg)" for k in keys] + \
-                 [f"{_column_title(k)}: paper" for k in keys if k in numbers.TABLE2_COLUMNS]
+                 [f"{_column_title(k)}: paper" for k in quoted] + \
+                 ([f"{_column_title(k)}: difference" for k in quoted] if metric == "fid" else [])
         rows = []
         for config in "ABCDEF":
             runs = part[part["config"] == config]
@@ -88,11 +90,20 @@ def table2(frame: pd.DataFrame) -> Artifact | None:
             ours = ["; ".join(f"{format_value(r.value)} ({r.kimg:g})" + (f" [{r.run}]" if len(group) > 1 else "")
                               for r in group.itertuples()) or "—"
                     for k in keys for group in [runs[runs["key"] == k]]]
-            paper = [str(numbers.TABLE2[config].get(k, "")) or "—" for k in keys if k in numbers.TABLE2_COLUMNS]
-            rows.append([f"{config} {numbers.TABLE2_ROWS[config]}"] + ours + paper)
+            paper = [str(numbers.TABLE2[config].get(k, "")) or "—" for k in quoted]
+            differences = [_difference(runs[runs["key"] == k], numbers.TABLE2[config].get(k)) for k in quoted]
+            rows.append([f"{config} {numbers.TABLE2_ROWS[config]}"] + ours + paper
+                        + (differences if metric == "fid" else []))
         md += [f"## data={data}, {num_samples} samples, NFE {nfe}", "", markdown_table(header, rows), ""]
     return Artifact("table2", "Table 2: training configurations", "\n".join(md),
                     summary=f"{len(cells)} training runs ({metric})")
+
+
+def _difference(runs: pd.DataFrame, published: numbers.Published | None) -> str:
+    """Ours minus the paper's FID, for a cell of one run (FID rows only; several runs: no single number)."""
+    if published is None or len(runs) != 1:
+        return "—"
+    return f"{float(runs['value'].iloc[0]) - published.fid:+.3g}"
 
 
 def _column_title(key: str) -> str:
