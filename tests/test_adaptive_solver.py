@@ -165,8 +165,9 @@ def test_refuses_churn_and_bad_tolerances(tmp_path):
 def test_cost_estimate_ignores_n_and_grows_as_the_tolerance_shrinks(tmp_path):
     cfg = compose_cfg(tmp_path, "solver=rk45")
     assert (cfg.solver.rtol, cfg.solver.atol) == (1e-5, 1e-5)
-    evaluations, is_stochastic = schema.SOLVERS[cfg.solver._target_]
-    assert [evaluations(n, cfg.solver) for n in (2, 18, 256)] == [1000] * 3 and not is_stochastic
+    kind = schema.SOLVERS[cfg.solver._target_]
+    evaluations = kind.evaluations
+    assert [evaluations(n, cfg.solver) for n in (2, 18, 256)] == [1000] * 3 and kind.adaptive and not kind.stochastic
     assert [evaluations(18, {"rtol": tol, "atol": 1e-5}) for tol in (1e-3, 1e-6, 1e-7)] == [1000, 1585, 2512]
     assert evaluations(18, {"rtol": 1e-3, "atol": 1e-3}) == 1000
     # Every axis of this file stays within the estimate, sample by sample (at most 686, VE at 1e-7).
@@ -210,3 +211,28 @@ def test_rk45_config_refuses_churn_and_step_lists(tmp_path):
     with pytest.raises(schema.ConfigError, match=r"^nfe.steps=\[2,3,4,6,9,13,18\]: expected one step count"):
         schema.check(compose_cfg(tmp_path, "solver=rk45"))
     schema.check(compose_cfg(tmp_path, "solver=rk45", "nfe.steps=[18]"))
+
+
+def test_point_nfe():
+    from edm_lab.evaluate.sampling import point_nfe
+
+    assert point_nfe(torch.tensor([9, 9, 9]), {9}, False) == 9 and type(point_nfe(torch.tensor([9]), {9}, False)) is int
+    assert point_nfe(torch.tensor([100, 101, 105]), {105, 103}, True) == pytest.approx(102.0)
+    with pytest.raises(RuntimeError, match="disagree"):
+        point_nfe(torch.tensor([9, 7]), {9, 7}, False)
+
+
+def test_training_evaluations_record_the_mean_per_sample_nfe(tmp_path):
+    """The training task's evaluation of its EMA with rk45 is the sample task's measurement of the saved network."""
+    from tests.test_train import TINY as TRAIN_TINY
+    from tests.test_train import train
+
+    rk45 = ["solver=rk45", "nfe.steps=[18]", "num_samples=16", "batch_size=16"]
+    result, _ = train(tmp_path, "run", "task.duration_kimg=0.032", "task.snapshot_kimg=0.032", "task.eval_kimg=0.032",
+                      "task.eval_steps=18", *rk45)
+    row = max((r for r in ResultsStore(tmp_path / "results").rows() if r["task"] == "train"), key=lambda r: r["kimg"])
+    cfg = compose_cfg(tmp_path, *[o for o in TRAIN_TINY if not o.startswith("task")], *rk45, "model=checkpoint",
+                      f"model.path={result['network']}", "metric.sampler_error=false",
+                      f"paths.results_dir={tmp_path}/sampled")
+    (sampled,) = run_sample(cfg, {"data": "digits", "model": "checkpoint", "solver": "rk45"})
+    assert isinstance(row["nfe"], float) and row["nfe"] == sampled["nfe"] and row["fd_raw"] == sampled["fd_raw"]

@@ -2,7 +2,6 @@
 data, where the ideal denoiser and every marginal are known in closed form."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -107,13 +106,14 @@ def test_nfe_is_counted_and_matches_the_schema(tmp_path, solver, per_step):
 def test_schema_cost_table_agrees_with_the_solvers(tmp_path, option):
     cfg = compose_cfg(tmp_path, f"solver={option}", "nfe.steps=[7]")
     solver = instantiate(cfg.solver)
-    evaluations, is_stochastic = schema.SOLVERS[cfg.solver._target_]
+    kind = schema.SOLVERS[cfg.solver._target_]
     result = sample(GaussianDenoiser(), torch.randn(2, 1), 7, solver=solver)
-    if result.nfe_per_sample is None:
-        assert evaluations(7, cfg.solver) == result.nfe
-    else:  # adaptive: the table holds a bound per sample
-        assert result.nfe == int(result.nfe_per_sample.max()) <= evaluations(7, cfg.solver)
-    assert is_stochastic == solver.stochastic == schema.stochastic(cfg)
+    assert kind.adaptive == (result.nfe_per_sample is not None)
+    if kind.adaptive:  # the table holds a bound per sample
+        assert result.nfe == int(result.nfe_per_sample.max()) <= kind.evaluations(7, cfg.solver)
+    else:
+        assert kind.evaluations(7, cfg.solver) == result.nfe
+    assert kind.stochastic == solver.stochastic == schema.stochastic(cfg)
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
@@ -145,14 +145,18 @@ def test_table5_churn_presets(tmp_path, preset, values):
     assert (churn.S_churn, churn.S_min, churn.S_max, churn.S_noise) == values
 
 
-@pytest.mark.parametrize("experiment,solver", [("vp_original_stochastic", "EulerMaruyama"),
-                                               ("ve_original_stochastic", "PredictorCorrector"),
-                                               ("iddpm_original_stochastic", "Ancestral")])
-def test_original_stochastic_presets_sample(tmp_path, experiment, solver):
+@pytest.mark.parametrize("experiment,solver,nfe", [("vp_original_stochastic", "EulerMaruyama", 32),
+                                                   ("ve_original_stochastic", "PredictorCorrector", 64),
+                                                   ("iddpm_original_stochastic", "Ancestral", 32)])
+def test_original_stochastic_presets_sample_the_data(tmp_path, experiment, solver, nfe):
+    """With the ideal denoiser of 64 points, 32 steps of each original sampler land on (or next to) those points."""
     cfg = compose_cfg(tmp_path, f"experiment={experiment}", "data=toy2d", "data.num_samples=64")
     axes = {name: instantiate(cfg[name]) for name in ("schedule", "scaling", "discretization", "solver", "churn")}
     assert type(axes["solver"]).__name__ == solver
     data = instantiate(cfg.data)
     net = instantiate(cfg.model)(data, instantiate(cfg.precond, _partial_=True))
-    result = sample(net, PerSampleNoise(range(8)).randn((8, 2)), 32, **axes)
-    assert torch.isfinite(result.x).all() and result.x.abs().max() < 2 and math.isfinite(result.nfe)
+    noise = PerSampleNoise(range(64))  # latents and the samplers' own noise: the same draws in every run
+    result = sample(net, noise.randn((64, 2)), 32, randn_like=noise.randn_like, **axes)
+    nearest = torch.cdist(result.x, data.samples.to(torch.float64)).min(1).values
+    assert result.nfe == nfe
+    assert nearest.median() < 0.02 and nearest.max() < 0.1  # the modes are 0.54 apart, their std 0.08

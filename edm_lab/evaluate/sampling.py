@@ -189,15 +189,20 @@ def generate(trainer: L.Trainer, module: SamplingModule, num_samples: int, batch
     num_kept = num_samples if module.keep_samples is None else min(module.keep_samples, num_samples)
     _check_offsets(kept["offset"], num_kept, "the kept samples' seeds")
     per_rank = _all_objects(strategy, (sorted(module.nfe), module.nfe_varies, module.sampling_seconds))
-    if any(varies for _, varies, _ in per_rank):
-        nfe = float(main["nfe"].to(torch.float64).mean())
-    else:
-        batch_nfe = {n for rank_nfe, _, _ in per_rank for n in rank_nfe}
-        if len(batch_nfe) != 1:
-            raise RuntimeError(f"batches disagree on NFE: {sorted(batch_nfe)}")
-        nfe = batch_nfe.pop()
+    nfe = point_nfe(main["nfe"], {n for rank_nfe, _, _ in per_rank for n in rank_nfe},
+                    any(varies for _, varies, _ in per_rank))
     return Generated(nfe, main["nfe"], main.get("features"), main.get("squared_error"), kept["samples"],
                      max(seconds for _, _, seconds in per_rank))
+
+
+def point_nfe(per_sample: Tensor, batch_nfe: set[int], varies: bool) -> int | float:
+    """A point's NFE: the exact int every batch reported (fixed-step solvers, which must agree), or with
+    per-sample counts (`varies`: an adaptive solver) their mean over the samples."""
+    if varies:
+        return float(per_sample.to(torch.float64).mean())
+    if len(batch_nfe) != 1:
+        raise RuntimeError(f"batches disagree on NFE: {sorted(batch_nfe)}")
+    return next(iter(batch_nfe))
 
 
 def _synchronize(device: torch.device) -> None:

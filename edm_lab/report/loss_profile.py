@@ -10,7 +10,6 @@ pyplot). Only `base`'s attributes are used, at call time, so either module may b
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Any, Sequence
 
@@ -90,9 +89,7 @@ def _figure(profiles: dict[str, dict[str, list[float]]], noises: dict[str, Any],
     # Outside the axes, beyond the density axis' labels: never over the data.
     ax.legend(handles=handles, fontsize="small" if len(handles) <= 12 else "x-small", loc="upper left",
               bbox_to_anchor=(1.14, 1.0), borderaxespad=0.0)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    return base.png_bytes(fig)
 
 
 def _table(profiles: dict[str, dict[str, list[float]]], kimgs: dict[str, Any]) -> tuple[str, bool]:

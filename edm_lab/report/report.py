@@ -246,60 +246,71 @@ def log_ticks(values: Sequence[float], max_ticks: int = 12) -> list[float]:
     return kept + [values[-1]]  # the largest evaluated NFE is always labelled
 
 
-def _render_plot(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe",
-                 styles: dict[str, dict[str, Any]] | None = None) -> bytes | None:
-    """`plot_figure` as PNG bytes (None when nothing can be drawn)."""
-    fig = plot_figure(cells, metric, title, x, styles)
-    if fig is None:
-        return None
+def png_bytes(fig: Figure) -> bytes:
+    """A figure as PNG bytes, cropped to what it draws (legends outside the axes included)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()
 
 
-def plot_figure(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe",
-                styles: dict[str, dict[str, Any]] | None = None) -> Figure | None:
-    """Lines of `value` against `x` ("nfe": log axis of the evaluated NFEs; "kimg": training progress).
+def draw_lines(ax, cells: pd.DataFrame, styles: dict[str, dict[str, Any]], line: str = "label", x: str = "nfe",
+               log_x: bool = True, max_ticks: int = 12) -> tuple[float, bool]:
+    """`value` against `x`, one line per `line` (in `styles`' order); returns (the divergence cap, any diverged).
 
-    Diverged values (above `divergence_cap`, or non-finite) are drawn as triangles on the top edge.
+    Values above `divergence_cap` or non-finite are drawn as triangles on the top edge instead of
+    stretching the axis; a positive x axis is logarithmic, ticked at the evaluated values, thinned.
     """
-    if cells.empty:
-        return None
-    styles = styles or line_styles(cells["label"])
     cap = divergence_cap(cells["value"])
     plotted = cells[cells["value"].map(lambda v: not math.isnan(v))]
     shown = plotted[plotted["value"].map(lambda v: math.isfinite(v) and v <= cap)]
     diverged = plotted[~plotted.index.isin(shown.index)]
-    if shown.empty:
-        return None
-    fig = Figure(figsize=(8.0, 5.0), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for label in sorted(plotted["label"].unique(), key=_natural_key):
-        part = shown[shown["label"] == label].sort_values(x)
-        ax.plot(part[x], part["value"], markersize=5, linewidth=1.4, label=label, **styles[label])
-    log_y = bool((shown["value"] > 0).all())
+    for name in [n for n in styles if n in set(plotted[line])]:
+        part = shown[shown[line] == name].sort_values(x)
+        ax.plot(part[x], part["value"], markersize=5, linewidth=1.4, label=name, **styles[name])
+    log_y = not shown.empty and bool((shown["value"] > 0).all())
     if log_y:
         ax.set_yscale("log")
     if not diverged.empty:
         top = cap if math.isfinite(cap) else float(shown["value"].max())
         ax.set_ylim(top=top * (1.6 if log_y else 1.05))
-        for label, part in diverged.groupby("label"):
+        for name, part in diverged.groupby(line):
             ax.plot(part[x], [top] * len(part), linestyle="none", marker="^", markersize=8,
-                    color=styles[label]["color"], clip_on=False)
-        ax.plot([], [], linestyle="none", marker="^", color="0.3",
-                label=f"diverged (> {format_value(top)} or not finite)")
-    xs = sorted(plotted[x].unique())
-    if x == "nfe" and xs[0] > 0:
+                    color=styles[name]["color"], clip_on=False)
+    xs = sorted(v for v in plotted[x].unique() if v > 0)
+    if log_x and xs and len(xs) == plotted[x].nunique():
         ax.set_xscale("log")
-        # Default log ticks would only show powers of ten; label evaluated NFEs, thinned so they never collide.
-        ticks = log_ticks(xs)
+        # Default log ticks would only show powers of ten; label evaluated values, thinned so they never collide.
+        ticks = log_ticks(xs, max_ticks)
         ax.set_xticks(ticks, [_format_nfe(n) for n in ticks])
         ax.xaxis.set_minor_locator(NullLocator())
+    ax.grid(True, which="both", alpha=0.3)
+    return cap, not diverged.empty
+
+
+def _render_plot(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe",
+                 styles: dict[str, dict[str, Any]] | None = None) -> bytes | None:
+    """`plot_figure` as PNG bytes (None when nothing can be drawn)."""
+    fig = plot_figure(cells, metric, title, x, styles)
+    return None if fig is None else png_bytes(fig)
+
+
+def plot_figure(cells: pd.DataFrame, metric: str, title: str, x: str = "nfe",
+                styles: dict[str, dict[str, Any]] | None = None) -> Figure | None:
+    """Lines of `value` against `x` ("nfe": log axis of the evaluated NFEs; "kimg": training progress)."""
+    finite = cells[cells["value"].map(math.isfinite)] if not cells.empty else cells
+    if finite.empty or not (finite["value"] <= divergence_cap(cells["value"])).any():
+        return None
+    styles = styles or line_styles(cells["label"])
+    fig = Figure(figsize=(8.0, 5.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    cap, diverged = draw_lines(ax, cells, styles, x=x, log_x=x == "nfe")
+    if diverged:
+        top = cap if math.isfinite(cap) else float(finite["value"].max())
+        ax.plot([], [], linestyle="none", marker="^", color="0.3", label=f"diverged (> {format_value(top)} or not finite)")
     ax.set_xlabel("NFE (denoiser evaluations)" if x == "nfe" else "training progress (kimg)")
     ax.set_ylabel(f"{metric} (min over rows, lower is better)")
     ax.set_title(f"{title}: {metric} vs {'NFE' if x == 'nfe' else 'kimg'}")
-    ax.grid(True, which="both", alpha=0.3)
     n = len(ax.get_legend_handles_labels()[0])
     ax.legend(fontsize="small" if n <= 12 else "x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
               borderaxespad=0.0, ncol=1 if n <= 25 else 2)  # outside the axes: never over the data

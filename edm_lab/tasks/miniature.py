@@ -27,14 +27,12 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-# name -> (Table 2 column, config, overrides of experiment=train_digits)
+# <Table 2 config>_<column> -> overrides of experiment=train_digits (the Table 2 page tells A from F by these choices)
 RUNS = {
-    "a_vp": ("vp", "A", ["net=ddpmpp_small", "precond=vp", "noise=vp", "weighting=vp", "augment=none",
-                         "task.grad_clip=1.0"]),
-    "f_vp": ("vp", "F", ["net=ddpmpp_small", "precond=edm", "noise=edm", "weighting=edm", "augment=edm"]),
-    "a_ve": ("ve", "A", ["net=ncsnpp_small", "precond=ve", "noise=ve", "weighting=ve", "augment=none",
-                         "task.grad_clip=1.0"]),
-    "f_ve": ("ve", "F", ["net=ncsnpp_small", "precond=edm", "noise=edm", "weighting=edm", "augment=edm"]),
+    "a_vp": ["net=ddpmpp_small", "precond=vp", "noise=vp", "weighting=vp", "augment=none", "task.grad_clip=1.0"],
+    "f_vp": ["net=ddpmpp_small", "precond=edm", "noise=edm", "weighting=edm", "augment=edm"],
+    "a_ve": ["net=ncsnpp_small", "precond=ve", "noise=ve", "weighting=ve", "augment=none", "task.grad_clip=1.0"],
+    "f_ve": ["net=ncsnpp_small", "precond=edm", "noise=edm", "weighting=edm", "augment=edm"],
 }
 BASELINES = {"vp": "a_vp", "ve": "a_ve"}  # the networks of the Figure 2 and 4 panels
 SAMPLING = ["num_samples=512", "batch_size=512", "metric.sampler_error=false", "trainer.enable_progress_bar=false",
@@ -47,7 +45,7 @@ def commands(root: Path, kimg: float) -> list[list[str]]:
     """Every `run.py` command of the miniature, in order (training first: the sampling needs its networks)."""
     paths = [f"paths.root={root}"]
     out = []
-    for name, (_, _, overrides) in RUNS.items():
+    for name, overrides in RUNS.items():
         if network_path(root, name, kimg).is_file():  # trained by an earlier, interrupted run of the miniature
             continue
         out.append(["experiment=train_digits", *overrides, f"task.duration_kimg={kimg:g}", f"task.eval_kimg={kimg:g}",

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 AXES = ("schedule", "scaling", "discretization", "solver", "churn")
 # What fixes a row's numbers; logger, paths, trainer and batch size do not, nor `repeats`
 # (each repeat is its own row of the same configuration, so raising it reuses the rows stored).
-HASHED = ("data", "model", "precond", *AXES, "metric", "num_samples", "seed")
+HASHED = (*schema.SAMPLING_NODES, "num_samples", "seed")
 # Overrides of these keys change neither the numbers nor the label.
 UNHASHED_PREFIXES = ("nfe.", "logger.", "paths.", "trainer.", "hydra.", "limits.", "metric.batch_size")
 

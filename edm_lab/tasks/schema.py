@@ -419,7 +419,7 @@ def _leaves(node: Any, prefix: str) -> Iterator[str]:
 
 
 def _value(cfg: DictConfig, path: str) -> tuple[str, Any]:
-    """('ok', value) | ('missing', None) | ('error', message) for a dotted path."""
+    """('ok', value) | ('absent', None) | ('missing', None) for ???, | ('error', message) for a dotted path."""
     parent, _, key = path.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig) or key not in node.keys():  # `in node` is False for ??? values
@@ -452,32 +452,34 @@ def _choice(cfg: DictConfig, group: str) -> str:
     return f" ({group}={chosen})" if chosen else ""
 
 
+def _paths(cfg: DictConfig, roots: list[str]) -> Iterator[str]:
+    """The dotted paths of the values under `roots` (a scalar root is its own path), `_target_`s aside."""
+    for root in roots:
+        if isinstance(cfg._get_node(root), DictConfig) and not OmegaConf.is_interpolation(cfg, root):
+            yield from (p for p in _leaves(cfg[root], root) if p.rsplit(".", 1)[-1] not in ("_target_", "_partial_"))
+        else:
+            yield root
+
+
 def value_problems(cfg: DictConfig) -> list[str]:
     """One line per key whose value is not allowed (missing required values included)."""
     out = []
-    roots = [k for k in cfg.keys() if k not in UNCHECKED]
-    for root in roots:
-        node = cfg._get_node(root)
-        paths = _leaves(cfg[root], root) if isinstance(node, DictConfig) and not OmegaConf.is_interpolation(cfg, root) \
-            else [root]
-        for path in paths:
-            if path.rsplit(".", 1)[-1] in ("_target_", "_partial_"):
-                continue
-            status, value = _value(cfg, path)
-            if status == "absent":
-                continue
-            if status == "missing":
-                group = path.split(".")[0]
-                out.append(f"{path} is required{_choice(cfg, group)}: set {path}=...")
-                continue
-            if status == "error":
-                out.append(f"{path} cannot be resolved: {value}")
-                continue
-            rule = _rule_for(cfg, path)
-            if rule is None:  # undeclared: at least no NaN or infinity
-                rule = Real(null=True) if _is_number(value) else None
-            if rule is not None and not rule.allows(value):
-                out.append(f"{path}={_show(value)}: expected {rule.describe()}")
+    for path in _paths(cfg, [k for k in cfg.keys() if k not in UNCHECKED]):
+        status, value = _value(cfg, path)
+        if status == "absent":
+            continue
+        if status == "missing":
+            group = path.split(".")[0]
+            out.append(f"{path} is required{_choice(cfg, group)}: set {path}=...")
+            continue
+        if status == "error":
+            out.append(f"{path} cannot be resolved: {value}")
+            continue
+        rule = _rule_for(cfg, path)
+        if rule is None:  # undeclared: at least no NaN or infinity
+            rule = Real(null=True) if _is_number(value) else None
+        if rule is not None and not rule.allows(value):
+            out.append(f"{path}={_show(value)}: expected {rule.describe()}")
     return out
 
 
@@ -487,20 +489,20 @@ def _number(cfg: DictConfig, path: str) -> Any:
 
 
 def relation_problems(cfg: DictConfig) -> list[str]:
-    """Checks between keys: noise ranges ordered, every sample seed below 2^32."""
+    """Checks between keys: noise ranges ordered, churn only where it applies, one step count for an adaptive
+    solver, fid_ref's destination, every sample seed below 2^32."""
     out = []
     for node in ("discretization", "precond", "noise"):
         lo, hi = _number(cfg, f"{node}.sigma_min"), _number(cfg, f"{node}.sigma_max")
         if _is_number(lo) and _is_number(hi) and not lo < hi:
             out.append(f"{node}.sigma_min={_show(lo)}: expected < {node}.sigma_max={_show(hi)}")
-    churn = _number(cfg, "churn.S_churn")
-    adaptive = str(OmegaConf.select(cfg, "solver._target_")).endswith(".RK45")
-    if (_solver(cfg)[1] or adaptive) and _is_number(churn) and churn > 0:
-        kind = "an adaptive" if adaptive else "a stochastic"
+    churn, solver = _number(cfg, "churn.S_churn"), _solver(cfg)
+    if (solver.stochastic or solver.adaptive) and _is_number(churn) and churn > 0:
+        kind = "an adaptive" if solver.adaptive else "a stochastic"
         out.append(f"churn.S_churn={_show(churn)}: expected 0 with {kind} solver{_choice(cfg, 'solver')}; "
                    "churn is Algorithm 2's, for the fixed-step ODE solvers: use churn=none")
     steps = _number(cfg, "nfe.steps")
-    if adaptive and isinstance(steps, list) and len(set(steps)) > 1 and _number(cfg, "task.name") == "sample":
+    if solver.adaptive and isinstance(steps, list) and len(set(steps)) > 1 and _number(cfg, "task.name") == "sample":
         out.append(f"nfe.steps={_show(steps)}: expected one step count with solver=rk45, which takes the steps its "
                    "tolerance asks for (the discretization fixes only where it starts and stops): e.g. nfe.steps=[18]")
     lo, hi = _number(cfg, "churn.S_min"), _number(cfg, "churn.S_max")
@@ -556,36 +558,44 @@ def _feature_dim(cfg: DictConfig, sample_elements: int) -> int:
     return sample_elements
 
 
-SOLVERS: dict[str, tuple[Any, bool]] = {
-    "edm_lab.design.solvers.Euler": (lambda n, solver: n, False),
-    "edm_lab.design.solvers.SecondOrder": (lambda n, solver: 2 * n - 1, False),
-    "edm_lab.design.solvers.EulerMaruyama": (lambda n, solver: n, True),
-    "edm_lab.design.solvers.PredictorCorrector": (lambda n, solver: n * (solver.get("corrector_steps", 1) + 1), True),
-    "edm_lab.design.solvers.Ancestral": (lambda n, solver: n, True),
+@dataclass(frozen=True)
+class SolverKind:
+    """What the schema knows of a solver (edm_lab/design/solvers.py) before it runs."""
+
+    evaluations: Any  # (N, solver config) -> denoiser evaluations per sample; an adaptive one's: a generous bound
+    stochastic: bool = False  # adds noise itself: no ODE solution to compare with, no churn
+    adaptive: bool = False  # takes its own steps: one step count, no churn
+
+
+SOLVERS: dict[str, SolverKind] = {
+    "edm_lab.design.solvers.Euler": SolverKind(lambda n, solver: n),
+    "edm_lab.design.solvers.SecondOrder": SolverKind(lambda n, solver: 2 * n - 1),
+    "edm_lab.design.solvers.EulerMaruyama": SolverKind(lambda n, solver: n, stochastic=True),
+    "edm_lab.design.solvers.PredictorCorrector": SolverKind(
+        lambda n, solver: n * (solver.get("corrector_steps", 1) + 1), stochastic=True),
+    "edm_lab.design.solvers.Ancestral": SolverKind(lambda n, solver: n, stochastic=True),
     # Unknown before it runs, and independent of N: a generous bound per sample, 1000 evaluations at tolerances
     # down to 1e-5 (the ODE's difficulty, not the tolerance, sets most of the cost there: up to 488 measured on
     # Gaussian, toy2d and digits data with the ideal denoiser under EDM, VP and VE axes, at 1e-3 as at 1e-5),
     # growing below as a 5th-order method's step count, tol^(-1/5), with tol = min(rtol, atol).
-    "edm_lab.design.solvers.RK45": (lambda n, solver: math.ceil(1000 * max(1.0, (1e-5 / min(
-        solver.get("rtol", 1e-5), solver.get("atol", 1e-5))) ** 0.2)), False),
+    "edm_lab.design.solvers.RK45": SolverKind(lambda n, solver: math.ceil(1000 * max(1.0, (1e-5 / min(
+        solver.get("rtol", 1e-5), solver.get("atol", 1e-5))) ** 0.2)), adaptive=True),
 }
-"""Per solver (edm_lab/design/solvers.py): its denoiser evaluations at N steps (an adaptive one's: a generous
-estimate per sample), and whether it adds noise itself."""
 
 
-def _solver(cfg: DictConfig) -> tuple[Any, bool]:
-    """(evaluations(N, solver config), stochastic) of the configured solver; unknown ones count 2N."""
-    return SOLVERS.get(str(OmegaConf.select(cfg, "solver._target_")), (lambda n, solver: 2 * n, False))
+def _solver(cfg: DictConfig) -> SolverKind:
+    """What is known of the configured solver; an unknown one counts 2N and is taken as a fixed-step ODE solver."""
+    return SOLVERS.get(str(OmegaConf.select(cfg, "solver._target_")), SolverKind(lambda n, solver: 2 * n))
 
 
 def _nfe(cfg: DictConfig, steps: int) -> int:
     """Denoiser evaluations of one sample at `steps` steps."""
-    return _solver(cfg)[0](steps, _number(cfg, "solver") or {})
+    return _solver(cfg).evaluations(steps, _number(cfg, "solver") or {})
 
 
 def stochastic(cfg: DictConfig) -> bool:
     """Whether the configured sampler adds fresh noise (its solver, or churn)."""
-    return _solver(cfg)[1] or (_number(cfg, "churn.S_churn") or 0) > 0
+    return _solver(cfg).stochastic or (_number(cfg, "churn.S_churn") or 0) > 0
 
 
 @dataclass(frozen=True)
@@ -646,6 +656,7 @@ def check(cfg: DictConfig, job: str = "") -> None:
 
 
 SAMPLING_NODES = ("data", "model", "precond", "schedule", "scaling", "discretization", "solver", "churn", "metric")
+"""The nodes a sampling row's config hash covers (with num_samples and seed: edm_lab.tasks.sample.HASHED)."""
 
 
 def normalize(cfg: DictConfig) -> None:
@@ -654,18 +665,15 @@ def normalize(cfg: DictConfig) -> None:
 
     Limited to the nodes a sampling row's hash covers, whose shipped values are floats already; the
     training recipe's (task.*, augment.*) keep their typed form, so existing run hashes stay."""
-    for root in [k for k in SAMPLING_NODES if k in cfg]:
-        if not isinstance(cfg._get_node(root), DictConfig) or OmegaConf.is_interpolation(cfg, root):
+    for path in _paths(cfg, [k for k in SAMPLING_NODES if k in cfg]):
+        parent, _, key = path.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if OmegaConf.is_interpolation(node, key):
             continue
-        for path in _leaves(cfg[root], root):
-            parent, _, key = path.rpartition(".")
-            node = OmegaConf.select(cfg, parent)
-            if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
-                continue
-            value = node[key]
-            if _is_int(value) and isinstance(_rule_for(cfg, path), Real):
-                with open_dict(node), read_write(node):
-                    node[key] = float(value)
+        status, value = _value(cfg, path)
+        if status == "ok" and _is_int(value) and isinstance(_rule_for(cfg, path), Real):
+            with open_dict(node), read_write(node):
+                node[key] = float(value)
 
 
 def steps(cfg: DictConfig) -> list[int]:

@@ -27,7 +27,7 @@ from edm_lab.checkpoints.snapshot import save_checkpoint
 from edm_lab.data.datamodule import ImageDataModule, one_hot_labels
 from edm_lab.design.losses import DenoisingLoss, loss_per_sigma, noise_density, sigma_grid
 from edm_lab.design.sampler import sample
-from edm_lab.evaluate.sampling import SamplingModule, frechet_from_features
+from edm_lab.evaluate.sampling import SamplingModule, frechet_from_features, point_nfe
 from edm_lab.nets.denoisers import network_denoiser
 from edm_lab.tasks import schema
 from edm_lab.tasks.sample import AXES, build_frechet, git_commit
@@ -265,14 +265,15 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
                 module.predict_step(torch.arange(start, min(start + cfg.batch_size, end)), 0)
         value = frechet_from_features(reference_statistics, torch.cat([p["features"] for p in module.parts]),
                                       frechet.batch_size)
-        nfe, kimg = max(module.nfe), nimg / 1000
+        nfe = point_nfe(torch.cat([p["nfe"] for p in module.parts]), module.nfe, module.nfe_varies)
+        kimg = nimg / 1000
         row = {"config_hash": config_hash({**evaluation, "kimg": kimg}), "run_hash": run_hash,
                "num_steps": t.eval_steps, "nfe": nfe, cfg.metric.name: value, "kimg": kimg, "task": "train",
                "sweep": sweep, "label": label, **run_columns(cfg, choices), **{k: choices.get(k) for k in AXES},
                "num_samples": cfg.num_samples, "git_commit": commit}
         store.write(row)
         evaluate.rows.append(row)
-        log.info("kimg %g: %s=%.4g (NFE %d)", kimg, cfg.metric.name, value, nfe)
+        log.info("kimg %g: %s=%.4g (NFE %g)", kimg, cfg.metric.name, value, nfe)
         return {cfg.metric.name: value, "kimg": kimg}
 
     evaluate.rows = []  # every row written, for the job's manifest

@@ -35,13 +35,13 @@ BUILDERS = (figure2, figure4, churn_sensitivity, table2, loss_per_noise_level)
 def write_paper_reports(frame: pd.DataFrame, out_dir: str | Path, scope: str = "all rows") -> Path:
     """Write every artifact the rows fill, then `index.md` listing them (and those without rows); returns the index."""
     out_dir = Path(out_dir)
-    artifacts: list[Artifact] = [a for a in (build(frame) for build in BUILDERS) if a is not None]
+    built = {build.__name__: build(frame) for build in BUILDERS}
+    artifacts: list[Artifact] = [a for a in built.values() if a is not None]
     for artifact in artifacts:  # PNGs first, the Markdown that links them after
         for name, data in artifact.pngs.items():
             atomic_write_bytes(out_dir / name, data)
         atomic_write_text(out_dir / f"{artifact.name}.md", artifact.markdown + "\n")
-    done = {a.name for a in artifacts}
-    missing = [b.__name__ for b in BUILDERS if b.__name__.replace("_sensitivity", "") not in done]
+    missing = [name for name, artifact in built.items() if artifact is None]
     lines = ["# The paper's artifacts", "", f"From {len(frame)} result rows ({scope}).", ""]
     lines += [f"- [{a.title}]({a.name}.md): {a.summary}" for a in artifacts]
     if missing:

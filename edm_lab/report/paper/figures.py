@@ -9,7 +9,6 @@ says "not comparable" unless the rows measure FID with the paper's own network.
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,9 @@ from typing import Callable, Sequence
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
 
 from edm_lab.report.paper import numbers
-from edm_lab.report.report import (_format_nfe, divergence_cap, format_value, line_styles, log_ticks,
-                                   markdown_table)
+from edm_lab.report.report import _format_nfe, draw_lines, format_value, line_styles, markdown_table, png_bytes
 
 COLUMNS = {"vp": "VP", "ve": "VE", "iddpm": "ImageNet/DDIM (iDDPM preconditioning)"}
 METRICS = ("fid", "fd_classifier", "fd_raw")  # the first one present is the panel's metric
@@ -165,33 +162,12 @@ def within_best(cells: pd.DataFrame, x: str = "nfe") -> dict[str, tuple[float, f
 
 
 def _draw(ax, cells: pd.DataFrame, styles: dict, x: str, marks: dict, log_x: bool = True) -> None:
-    """Curves of one panel on `ax`, the 3 % markers as stars, diverged values as triangles on the top edge."""
-    cap = divergence_cap(cells["value"])
-    shown = cells[cells["value"].map(lambda v: math.isfinite(v) and v <= cap)]
-    diverged = cells[~cells.index.isin(shown.index)]
-    for curve in styles:
-        part = shown[shown["curve"] == curve].sort_values(x)
-        if part.empty and diverged[diverged["curve"] == curve].empty:
-            continue
-        ax.plot(part[x], part["value"], markersize=4, linewidth=1.4, label=curve, **styles[curve])
-        if curve in marks and marks[curve][2] <= cap:
-            ax.plot([marks[curve][1]], [marks[curve][2]], marker="*", markersize=14, color=styles[curve]["color"],
-                    markeredgecolor="black", linestyle="none")
-    if not shown.empty and (shown["value"] > 0).all():
-        ax.set_yscale("log")
-    if not diverged.empty:
-        top = cap if math.isfinite(cap) else float(shown["value"].max())
-        ax.set_ylim(top=top * 1.6)
-        for curve, part in diverged.groupby("curve"):
-            ax.plot(part[x], [top] * len(part), linestyle="none", marker="^", markersize=8,
-                    color=styles[curve]["color"], clip_on=False)
-    xs = sorted(v for v in cells[x].unique() if v > 0)
-    if log_x and xs:
-        ax.set_xscale("log")
-        ticks = log_ticks(xs, max_ticks=8)
-        ax.set_xticks(ticks, [_format_nfe(t) for t in ticks])
-        ax.xaxis.set_minor_locator(NullLocator())
-    ax.grid(True, which="both", alpha=0.3)
+    """Curves of one panel on `ax` (diverged values on the top edge), the 3 % points as stars."""
+    cap, _ = draw_lines(ax, cells, styles, line="curve", x=x, log_x=log_x, max_ticks=8)
+    for curve, (_, at, value) in marks.items():
+        if value <= cap:
+            ax.plot([at], [value], marker="*", markersize=14, color=styles[curve]["color"], markeredgecolor="black",
+                    linestyle="none")
 
 
 def _figure(groups: dict[Panel, pd.DataFrame], styles: dict, x: str, xlabel: str,
@@ -216,9 +192,7 @@ def _figure(groups: dict[Panel, pd.DataFrame], styles: dict, x: str, xlabel: str
     labels.append(f"lowest {x.upper() if x == 'nfe' else x} within {WITHIN:.0%} of the curve's best")
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
                fontsize="small", frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _panel_table(cells: pd.DataFrame, marks: dict, curves: Sequence[str], x: str = "nfe") -> str:
@@ -284,7 +258,7 @@ def figure2(frame: pd.DataFrame) -> Artifact | None:
         md += _paper_lines(panel, marks[panel], {"original": (names[0], "figure2"), "edm": (names[-1], "figure2")})
     return Artifact("figure2", "Figure 2: deterministic sampling", "\n".join(md),
                     {"figure2.png": _figure(cells, styles, "nfe", "NFE", marks)},
-                    summary=_summary(marks, cells))
+                    summary=_summary(marks))
 
 
 def _figure4_curves(column: str) -> list[str]:
@@ -335,7 +309,7 @@ def figure4(frame: pd.DataFrame) -> Artifact | None:
         md += _paper_lines(panel, marks[panel], {"deterministic": (names[0], "figure4"),
                                                  "stochastic": (names[1], "figure4")})
     return Artifact("figure4", "Figure 4: stochastic sampling", "\n".join(md),
-                    {"figure4.png": _figure(cells, styles, "nfe", "NFE", marks)}, summary=_summary(marks, cells))
+                    {"figure4.png": _figure(cells, styles, "nfe", "NFE", marks)}, summary=_summary(marks))
 
 
 def churn_sensitivity(frame: pd.DataFrame) -> Artifact | None:
@@ -367,8 +341,8 @@ def churn_sensitivity(frame: pd.DataFrame) -> Artifact | None:
                     summary=f"{sum(len(c) for c in cells.values())} points on {len(cells)} networks")
 
 
-def _summary(marks: dict[Panel, dict], cells: dict[Panel, pd.DataFrame]) -> str:
-    """One line per panel: each curve's best value and where it gets within 3 % of it."""
+def _summary(marks: dict[Panel, dict]) -> str:
+    """One line per panel: each curve's first NFE within 3 % of its best, and its value there."""
     parts = []
     for panel, m in marks.items():
         best = "; ".join(f"{curve}: {format_value(v)} at NFE {_format_nfe(at)}" for curve, (_, at, v) in m.items())
