@@ -2,10 +2,13 @@
 
     python bench/feature_throughput.py [--device cuda] [--batch 128] [--count 512] [--resolution 32]
                                        [--extractor raw classifier inception] [--weights /path/to/inception.pth]
+                                       [--warmup 1] [--max-time 10]
 
 `inception` is the FID Inception-v3 (torch-fidelity's port, through torchmetrics, with the uint8
 input protocol and the resize to 299x299). Without `--weights` it runs with RANDOM weights, built
 locally without any download: the timing is the architecture's, the features mean nothing.
+Times are medians (IQR over the timed runs) of extracting `--count` images; the cold first call is
+printed apart.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import best_time
+from timing import add_timing_arguments, measure
 
 from edm_lab.data import digits
 from edm_lab.evaluate.features import (
@@ -47,9 +50,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="images per forward pass")
     parser.add_argument("--count", type=int, default=512, help="images per timed run")
     parser.add_argument("--resolution", type=int, default=32, help="digits padded to this side (power of two)")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--extractor", nargs="*", default=["raw", "classifier", "inception"])
     parser.add_argument("--weights", default=None, help="real Inception weights (default: random, timing only)")
+    add_timing_arguments(parser)
     args = parser.parse_args()
 
     data = digits(resolution=args.resolution)
@@ -72,9 +75,8 @@ def main() -> None:
                 for start in range(0, args.count, args.batch):
                     extractor(images[start:start + args.batch])
 
-            run()  # warm-up: allocations, cuDNN autotuning
-            best, _ = best_time(run, args.repeats, args.device)
-            print(f"{label:42s} {extractor.num_features:5d}-d  {best:8.3f} s  {args.count / best:10.1f} images/s")
+            timing = measure(run, args.device, warmup=args.warmup, max_time=args.max_time, label=name)
+            print(f"{label:42s} {extractor.num_features:5d}-d  {timing}  {args.count / timing.median:10.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Forward+backward time of the network presets on a batch of digits-sized images.
 
     python bench/network_throughput.py [--device cuda] [--batch 64] [--resolution 8] [--preset ddpmpp_small ...]
+                                       [--warmup 1] [--max-time 10]
+
+Prints per preset the median time of a forward+backward pass (and its IQR over the timed runs),
+images/s at that median, and the cold first call, which the median leaves out.
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from timing import best_time
+from timing import add_timing_arguments, measure
 
 from edm_lab.nets import build_network, count_parameters
 
@@ -22,8 +26,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", nargs="*", default=["ddpmpp_small", "ncsnpp_small", "adm_small"])
+    add_timing_arguments(parser)
     args = parser.parse_args()
     print(f"device={args.device} batch={args.batch} {args.channels}x{args.resolution}x{args.resolution}")
     for name in args.preset:
@@ -31,10 +35,10 @@ def main() -> None:
         net = build_network(kwargs.pop("model_type"), img_resolution=args.resolution, in_channels=args.channels,
                             out_channels=args.channels, label_dim=0, **kwargs).to(args.device).train()
         x = torch.randn(args.batch, args.channels, args.resolution, args.resolution, device=args.device)
-        best, _ = best_time(lambda: net(x, torch.randn(args.batch, device=args.device), None).square().mean()
-                            .backward(), args.repeats, args.device)
-        print(f"{name:14s} {count_parameters(net):>11,} params  forward+backward {best * 1e3:8.1f} ms  "
-              f"{args.batch / best:10.1f} images/s")
+        timing = measure(lambda: net(x, torch.randn(args.batch, device=args.device), None).square().mean()
+                         .backward(), args.device, warmup=args.warmup, max_time=args.max_time, label=name)
+        print(f"{name:14s} {count_parameters(net):>11,} params  forward+backward {timing}  "
+              f"{args.batch / timing.median:10.1f} images/s")
 
 
 if __name__ == "__main__":

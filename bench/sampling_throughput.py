@@ -1,15 +1,16 @@
 """Sampling throughput: denoiser evaluations and images per second for each solver on the ideal denoiser.
 
-    python bench/sampling_throughput.py [--device cuda] [--batch 1024] [--steps 18]
+    python bench/sampling_throughput.py [--device cuda] [--batch 1024] [--steps 18] [--warmup 1] [--max-time 10]
 
-Prints one line per configuration: seconds, NFE, images/s and NFE x images/s.
+Prints one line per configuration: median seconds per batch (IQR over the timed runs, and the
+cold first call, left out of the median), NFE, images/s and NFE x images/s at the median.
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
-from timing import best_time
+from timing import add_timing_arguments, measure
 
 from edm_lab.data import digits
 from edm_lab.design import discretizations as D
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=18)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_timing_arguments(parser)
     args = parser.parse_args()
 
     data = digits()
@@ -42,10 +43,11 @@ def main() -> None:
     latents = noise.randn((args.batch, *data.sample_shape), device=args.device)
     print(f"device={args.device} batch={args.batch} steps={args.steps} data=digits ({len(data)} images, ideal denoiser)")
     for name, axes in CONFIGS.items():
-        sample(net, latents, 2, **axes)  # warm-up
-        best, result = best_time(lambda: sample(net, latents, args.steps, **axes), args.repeats, args.device)
-        print(f"{name:10s} {best:8.3f} s  nfe={result.nfe:3d}  images/s={args.batch / best:10.1f}  "
-              f"denoiser evals/s={result.nfe * args.batch / best:12.1f}")
+        timing = measure(lambda: sample(net, latents, args.steps, **axes), args.device, warmup=args.warmup,
+                         max_time=args.max_time, label=name)
+        nfe, seconds = timing.result.nfe, timing.median
+        print(f"{name:10s} {timing}  nfe={nfe:3d}  images/s={args.batch / seconds:10.1f}  "
+              f"denoiser evals/s={nfe * args.batch / seconds:12.1f}")
 
 
 if __name__ == "__main__":

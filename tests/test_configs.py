@@ -111,15 +111,6 @@ def test_sweep_presets_compose(tmp_path, monkeypatch):
                     assert str(OmegaConf.select(cfg, key)) == value, (preset.name, key, value)
 
 
-def test_run_name_lists_the_overrides_that_change_the_numbers(tmp_path, monkeypatch):
-    from edm_lab.tasks.hydra_support import run_name
-
-    monkeypatch.chdir(PROJECT_ROOT)
-    compose_cfg(tmp_path, "sweeps=solver_order", "solver=euler", "seed=3", "force=true", "repeats=2",
-                "nfe.steps=[2]", "logger=csv", f"paths.cache_dir={tmp_path}/c")  # and compose_cfg's paths.*
-    assert run_name() == "seed=3,solver=euler"
-
-
 def test_unknown_axis_value_lists_the_options(tmp_path):
     with pytest.raises((MissingConfigException, ConfigCompositionException)) as info:
         compose_cfg(tmp_path, "schedule=cosine")

@@ -1,7 +1,8 @@
-"""run.py end to end: a tiny multirun through parallel jobs, the store, W&B offline runs and the report."""
+"""run.py end to end: a tiny multirun through parallel jobs, the store, W&B offline runs, the report and the console."""
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -11,23 +12,30 @@ from pathlib import Path
 import pytest
 
 from edm_lab.track.store import ResultsStore
+from edm_lab.track.tracking import configuration_group
 from tests.conftest import PROJECT_ROOT
 from tests.wandb_records import summarize
 
 TINY = ["data=toy2d", "data.num_samples=256", "metric=raw", "nfe.steps=[2,4]", "num_samples=64", "batch_size=32",
-        "metric.reference_steps=32", "trainer.enable_progress_bar=false"]
+        "metric.reference_steps=32"]
 
 
-def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "run.py", *args, f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/multirun",
+def run_cli(tmp_path: Path, *args: str, env: dict | None = None, sweep: str = "multirun") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "run.py", *args, f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/{sweep}",
            f"hydra.run.dir={tmp_path}/outputs"]
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"} | {"HYDRA_FULL_ERROR": "1"} | (env or {})
     return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def wandb_runs(root: Path) -> dict[str, dict]:
+    """Every W&B offline run under root/wandb, by its folder name."""
+    return {p.parent.name: summarize(p) for p in sorted((root / "wandb").glob("offline-run-*/run-*.wandb"))}
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """`python run.py -m solver=heun,euler schedule=edm,vp` on tiny settings, two jobs at a time."""
+    """`python run.py -m solver=heun,euler schedule=edm,vp` on tiny settings, two jobs at a time, W&B not
+    told to be quiet (the harness silences it)."""
     root = tmp_path_factory.mktemp("e2e")
     proc = run_cli(root, "-m", "solver=heun,euler", "schedule=edm,vp", "hydra/launcher=joblib",
                    "hydra.launcher.n_jobs=2", *TINY)
@@ -54,25 +62,51 @@ def test_every_point_of_the_grid_is_stored(sweep):
     assert len(list((root / ".cache" / "references").glob("*.pt"))) == 1
 
 
-def test_wandb_offline_runs_share_a_group_and_plot_against_nfe(sweep):
+def test_wandb_runs_are_one_curve_per_configuration_with_choice_names(sweep):
     root, _ = sweep
     frame = ResultsStore(root / "results").load()
-    run_files = sorted((root / "multirun").rglob("offline-run-*/run-*.wandb"))
-    assert len(run_files) == 4
-    for path in run_files:
-        run = summarize(path)
-        assert run["group"] == frame.sweep.iloc[0]
+    runs = wandb_runs(root)
+    points_runs = [r for r in runs.values() if r["config"].get("config_hash")]
+    tables = [r for r in runs.values() if not r["config"].get("config_hash")]
+    assert len(points_runs) == 4 and len(tables) == 1  # one per job, and the sweep's table of all points
+    sweep_id = frame.sweep.iloc[0]
+    for run in points_runs:
+        config = run["config"]
+        rows = frame[frame.config_hash == config["config_hash"]]
+        # The configuration is the group: its label (cut to W&B's 128 characters) and its hash.
+        assert run["group"] == configuration_group(rows.label.iloc[0], config["config_hash"])
+        assert run["group"].endswith(f" [{config['config_hash']}]") and len(run["group"]) <= 128
+        assert run["name"] == rows.label.iloc[0]
+        assert config["solver"] in ("heun", "euler") and config["schedule"] in ("edm", "vp")  # Hydra choices
+        assert config["resolved"]["solver"]["_target_"].startswith("edm_lab.design.solvers.")
+        assert config["resolved"]["logger"]["offline"] is True and config["sweep"] == sweep_id
         assert run["metrics"]["fd_raw"] == "nfe" and run["metrics"]["sampler_rmse"] == "nfe"
+        assert not {"num_steps", "repeats", "seconds", "images_per_second"} & set(run["metrics"])
         points = [h for h in run["history"] if "fd_raw" in h]
         assert [p["nfe"] for p in points] == sorted(p["nfe"] for p in points) and len(points) == 2
-        solver, schedule = run["config"]["solver"]["_target_"], run["config"]["schedule"]["_target_"]
         for point in points:
-            match = frame[(frame.nfe == point["nfe"]) & (abs(frame.fd_raw - point["fd_raw"]) < 1e-12)]
-            assert len(match) == 1, (solver, schedule, point)
+            assert not {"num_steps", "repeats", "seconds", "images_per_second"} & set(point)
+            match = rows[(rows.nfe == point["nfe"]) & (abs(rows.fd_raw - point["fd_raw"]) < 1e-12)]
+            assert len(match) == 1, (config["solver"], config["schedule"], point)
             assert point["sampler_rmse"] == pytest.approx(match.sampler_rmse.iloc[0], rel=1e-12)
             assert point["samples/_type"] == "image-file"
         assert any(h.get("curve/_type") == "table-file" for h in run["history"])
-        assert run["config"]["logger"]["offline"] is True
+    assert tables[0]["name"] == f"sweep {sweep_id}"
+    assert any(h.get("points/_type") == "table-file" for h in tables[0]["history"])
+
+
+def test_console_is_quiet_and_says_where_everything_went(sweep):
+    root, proc = sweep
+    out = proc.stdout + proc.stderr
+    # Not a terminal: no bars, each point's line says how far its job is. 4 jobs x (start, 2 points), the
+    # launcher's lines, the data set's statistics and the closing lines.
+    assert out.count("\n") <= 20, out
+    assert "wandb:" not in out and "Warning" not in out and "Predicting" not in out and "%|" not in out, out
+    points = [line for line in out.splitlines() if " steps=" in line]
+    assert len(points) == 8 and all(re.search(r"\] #[0-3] steps=\d .*\[\d+%, ETA \d+:\d\d\]$", p) for p in points)
+    assert f"results: 8 rows in {root / 'results'} (8 computed now, 0 stored before)" in proc.stdout
+    assert f"W&B: 4 offline runs and the sweep's table in {root / 'wandb'}" in proc.stdout
+    assert "wandb sync --yes" in proc.stdout
 
 
 def test_report_is_regenerated_after_the_sweep(sweep):
@@ -85,17 +119,19 @@ def test_report_is_regenerated_after_the_sweep(sweep):
         png = root / "reports" / f"{metric}_vs_nfe.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"report: {report}" in proc.stdout
-    assert "results: 2 rows" in proc.stdout and "tracker run:" in proc.stdout
 
 
 def test_rerun_skips_stored_points_and_force_recomputes(sweep):
     root, _ = sweep
     store = ResultsStore(root / "results")
     before = {p: p.stat().st_mtime_ns for p in (root / "results").rglob("steps-*.json")}
-    proc = run_cli(root, "-m", "solver=heun,euler", "schedule=edm", *TINY)
+    runs = set(wandb_runs(root))
+    proc = run_cli(root, "-m", "solver=heun,euler", "schedule=edm", *TINY, sweep="rerun")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (proc.stdout + proc.stderr).count("stored row reused") == 4
+    assert (proc.stdout + proc.stderr).count("all 2 points of") == 2
+    assert "tracker: no new run (nothing was computed)" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert set(wandb_runs(root)) == runs  # a rerun that computes nothing makes no W&B run, nor a sweep table
     proc = run_cli(root, "solver=euler", "schedule=edm", "force=true", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     changed = [p for p, t in before.items() if p.stat().st_mtime_ns != t]

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 import functools
 from pathlib import Path
 
@@ -230,3 +234,49 @@ def test_a_seed_reproduces_training_exactly(tmp_path):
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
     assert [(r["config_hash"], r["fd_raw"]) for r in a[2]] == [(r["config_hash"], r["fd_raw"]) for r in b[2]]
     assert file_sha256(a[3]) == file_sha256(b[3])
+
+
+def test_a_resumed_run_continues_its_folder_and_wandb_run_and_stores_artifacts(tmp_path):
+    """`task.resume=<folder>/checkpoints/last.ckpt` through run.py: the same output folder (the first config kept),
+    the same W&B run id, kimg-based curves that continue; with `logger.artifacts=true`, model artifacts."""
+    from tests.wandb_records import records, summarize
+
+    common = [a for a in TINY if not a.startswith(("logger=", "trainer.enable_progress_bar"))] + [
+        "logger=wandb", "logger.artifacts=true", "task.snapshot_kimg=0.064", "task.eval_kimg=0.064"]
+
+    def cli(*overrides: str) -> subprocess.CompletedProcess:
+        from tests.conftest import PROJECT_ROOT
+
+        # Run from tmp_path: outputs/, results/ and wandb/ go under the current directory.
+        proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "run.py"), *common, *overrides], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    cli("task.duration_kimg=0.064")
+    (folder,) = (tmp_path / "outputs").glob("*/*")
+    proc = cli("task.duration_kimg=0.128", f"task.resume={folder}/checkpoints/last.ckpt")
+    assert list((tmp_path / "outputs").glob("*/*")) == [folder]  # no new folder
+    assert (folder / ".hydra" / "config.yaml").is_file() and len(list(folder.glob(".hydra-resumed-*"))) == 1
+    parts = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(parts) == 2 and parts[0].name == parts[1].name  # run-<id>.wandb: one W&B run in two parts
+    curves = [[h["eval/kimg"] for h in summarize(p)["history"] if "eval/fd_raw" in h] for p in parts]
+    assert curves == [[0.032, 0.064], [0.128]]  # evaluated at the first step, then every 0.064 kimg
+    # The folder's report covers the whole run: the manifest keeps the first part's evaluations.
+    kimgs = sorted(r["kimg"] for r in evaluations(tmp_path / "results"))
+    assert len(json.loads((folder / "rows.json").read_text())) >= len(kimgs) == 3
+    assert "report:" in proc.stdout and "W&B: 1 offline run" in proc.stdout
+    artifacts = [r.artifact for p in parts for r in records(p) if r.WhichOneof("record_type") == "artifact"]
+    assert {a.type for a in artifacts} == {"model"}
+    assert sorted(a.name.split("-")[0] for a in artifacts) == ["checkpoint", "checkpoint", "network", "network"]
+
+
+def test_a_requeued_job_resumes_from_its_own_last_checkpoint(tmp_path):
+    """A job run again in its own folder (a cluster requeue) continues from checkpoints/last.ckpt there."""
+    first, run_dir = train(tmp_path, "job", "task.duration_kimg=0.064", "task.snapshot_kimg=0.032", "task.eval_kimg=0")
+    assert first["kimg"] == 0.064
+    again, _ = train(tmp_path, "job", "task.duration_kimg=0.128", "task.snapshot_kimg=0.032", "task.eval_kimg=0")
+    assert again["kimg"] == 0.128
+    losses = logged_losses(run_dir)  # one CSV log per part, in the same folder
+    steps = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("snapshot-*.ckpt"))
+    assert steps == [1, 2, 3, 4] and losses

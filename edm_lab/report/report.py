@@ -437,6 +437,25 @@ def select_rows(frame: pd.DataFrame, keys: set[tuple[str, int, int]] | None = No
     return frame.reset_index(drop=True)
 
 
+def configuration_notes(frame: pd.DataFrame) -> list[str]:
+    """Markdown notes on configurations that are none of the paper's samplers, saying what they are."""
+    if frame.empty or not {"schedule", "scaling"} <= set(frame.columns):
+        return []
+    unpaired = frame[(frame["schedule"] == "vp") & (frame["scaling"] == "none")]
+    if unpaired.empty:
+        return []
+    return ["**About `schedule=vp` with `scaling=none`.** These rows use the VP noise schedule sigma(t) without "
+            "the VP scaling s(t), which the paper's VP sampler pairs it with (`schedule=vp scaling=vp`, or "
+            "`experiment=vp_original`): an ablation, not one of the paper's samplers. The ODE's step is then "
+            "taken in t, where sigma grows like exp(beta_d t^2 / 4): a step from t_i to t_{i+1} moves x by "
+            "(t_{i+1} - t_i) sigma'(t_i)/sigma(t_i) times its distance to the denoised image, and at a few "
+            "coarse steps that factor is far below -1 (about -8.8 for the first of 2 Euler steps from sigma = 80, -2.4 and -3.6 for the first two of 4), so "
+            "the sample overshoots instead of contracting and the metric diverges; a factor near -1 at a high "
+            "noise level (-0.98 at sigma = 17.5 of 9 Euler steps) replaces every sample by its denoised estimate "
+            "there, close to the data mean, so the samples collapse towards one image. With sigma(t) = t "
+            "(`schedule=edm`) the same factor is sigma_{i+1}/sigma_i - 1, between -1 and 0.", ""]
+
+
 def write_report(
     frame: pd.DataFrame,
     out_dir: str | Path,
@@ -484,6 +503,7 @@ def write_report(
     styles = line_styles(names.values())
     if shared and len(names) > 1:
         md += ["Shared by every configuration below: " + " ".join(f"`{_cell(t)}`" for t in shared), ""]
+    md += configuration_notes(sampling)
     for metric in metrics if not sampling.empty else ():
         md += [f"## {metric}", ""]
         cells = _cells(sampling, metric, names)

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +21,21 @@ from edm_lab.tasks import schema
 from edm_lab.tasks.schema import ConfigError
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = Path(__file__).resolve().parents[1]
+# A source checkout (or editable install) keeps conf/ and sweeps/ beside the package; a wheel carries them
+# inside it, as edm_lab/conf/ with sweeps/ in it (pyproject.toml maps them there).
+CHECKOUT = PACKAGE.parent if (PACKAGE.parent / "conf" / "config.yaml").is_file() else None
+PROJECT_ROOT = CHECKOUT  # the code's git checkout, recorded with every row; None when installed from a wheel
+
+
+def config_dir() -> Path:
+    """The primary config folder: the checkout's conf/, else the one the installed package carries."""
+    return CHECKOUT / "conf" if CHECKOUT is not None else PACKAGE / "conf"
+
+
+def sweeps_root() -> str:
+    """The folder holding sweeps/ (the `sweeps` group; conf/config.yaml puts it on Hydra's search path)."""
+    return str(CHECKOUT if CHECKOUT is not None else PACKAGE / "conf")
 
 
 def sweep_id() -> str:
@@ -40,11 +55,6 @@ def sweep_id() -> str:
     return "/".join(folder.parts[-2:])
 
 
-def run_name() -> str:
-    """The job's overrides (`solver=euler,schedule=vp`), or `defaults` when it has none."""
-    return HydraConfig.get().job.override_dirname or "defaults"
-
-
 def unique_dir(base: str) -> str:
     """`base`, or `base-1`, `base-2`, ... : the first of them this call creates (so two sweeps or runs
     started in the same second get folders of their own). Resolved once per run (cached, and copied
@@ -60,13 +70,90 @@ def unique_dir(base: str) -> str:
             n += 1
 
 
+# Groups `--help` lists, in this order (the axes first, as in the paper's Table 1); any other group follows.
+HELP_GROUPS = ("schedule", "scaling", "discretization", "solver", "churn", "precond", "nfe", "model", "net", "data",
+               "metric", "task", "noise", "weighting", "augment", "experiment", "sweeps", "trainer", "logger",
+               "hydra/launcher")
+
+
+def _group_options(group: str) -> list[str]:
+    """The options of a config group (its yaml files), from the config folder or the sweeps' root."""
+    folder = Path(sweeps_root()) / group if group == "sweeps" else config_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _top_level_keys() -> list[tuple[str, str, str]]:
+    """(key, default, comment) of conf/config.yaml's own keys, the nested limits.* included."""
+    out, parent = [], None
+    for line in (config_dir() / "config.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")) or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, rest = stripped.split(":", 1)
+        value, _, comment = rest.partition("#")
+        if indent == 0:
+            parent = key if not value.strip() else None
+            if key in ("defaults", "hydra") or parent:
+                continue
+            out.append((key, value.strip(), comment.strip()))
+        elif parent == "limits" and indent == 2:
+            out.append((f"{parent}.{key}", value.strip(), comment.strip()))
+    return out
+
+
+def help_body(choices: Any = None) -> str:
+    """`--help`'s groups (the current choice starred) and main keys with their one-line meaning."""
+    choices = dict(choices or {})
+    groups = [g for g in HELP_GROUPS if _group_options(g)]
+    groups += sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name not in groups
+                     and p.name != "hydra" and _group_options(p.name))
+    width = max(map(len, groups))
+    lines = []
+    for group in groups:
+        options = [o + ("*" if choices.get(group) == o else "") for o in _group_options(group)]
+        lines.append(f"  {group:<{width}}  {', '.join(options)}")
+    keys = _top_level_keys()
+    key_width = max(len(f"{k}={v}") for k, v, _ in keys)
+    lines += ["", "== Main keys (key=value; default shown) =="]
+    lines += [f"  {f'{k}={v}':<{key_width}}  {c}" for k, v, c in keys]
+    return "\n".join(lines)
+
+
+def resumed_folder(resume: str | None) -> Path | None:
+    """The run folder a training checkpoint `<folder>/checkpoints/<name>.ckpt` belongs to (None if it is not one)."""
+    if not resume:
+        return None
+    path = Path(str(resume)).expanduser().resolve()
+    folder = path.parent.parent
+    return folder if path.parent.name == "checkpoints" and (folder / ".hydra").is_dir() else None
+
+
+def run_dir(base: str, resume: str | None = None) -> str:
+    """A run's folder: that of the run a training checkpoint comes from (a resumed run continues there), else a
+    new one (`unique_dir`)."""
+    folder = resumed_folder(resume)
+    return str(folder) if folder is not None else unique_dir(base)
+
+
+def output_subdir(resume: str | None = None) -> str:
+    """Where Hydra saves the job's config: `.hydra`, or beside it for a resumed run (the first one's stays)."""
+    if resumed_folder(resume) is None:
+        return ".hydra"
+    import datetime as dt
+
+    return f".hydra-resumed-{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
 def register_resolvers() -> None:
-    """`${sweep_id:}`, `${run_name:}` (the tracker's group and run name) and `${unique_dir:...}`."""
-    for name, fn in (("sweep_id", sweep_id), ("run_name", run_name)):
+    """`${sweep_id:}`, `${unique_dir:...}`, `${run_dir:...}`, `${output_subdir:...}`, `${sweeps_root:}` and
+    `${help_body:...}` (the `--help` text)."""
+    for name, fn in (("sweep_id", sweep_id), ("sweeps_root", sweeps_root), ("help_body", help_body)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    if not OmegaConf.has_resolver("unique_dir"):
-        OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
+    for name, fn in (("unique_dir", unique_dir), ("run_dir", run_dir), ("output_subdir", output_subdir)):
+        if not OmegaConf.has_resolver(name):  # resolved once per run: every later read gets the same folder
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
 
 
 # Folders each task writes (besides Hydra's job folder): probed before any work.
@@ -179,6 +266,15 @@ def run_task(cfg: DictConfig) -> Any:
     preflight(cfg)
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # device summaries and tips, once per Trainer
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        _prefix_console_lines(f"#{HydraConfig.get().job.num} ")  # parallel jobs' lines interleave
+    # Lightning's warnings that do not apply here: its pytree helper under torch >= 2.10 (every predict); the
+    # EMA network, kept in eval mode on purpose; a resumed run's checkpoint folder (it continues there); and
+    # mid-epoch resumption (the data module restarts its order from the checkpoint's image count).
+    for message in (r".*isinstance\(treespec, LeafSpec\)", r"Found \d+ module\(s\) in eval mode",
+                    r"Checkpoint directory .* exists and is not empty",
+                    r"You're resuming from a checkpoint that ended before the epoch ended"):
+        warnings.filterwarnings("ignore", message=message, category=Warning)
     name = cfg.task.name
     if name == "sample":
         from edm_lab.tasks.sample import run_sample
@@ -196,6 +292,24 @@ def run_task(cfg: DictConfig) -> Any:
     from edm_lab.tasks.fid_ref import run_fid_ref  # the schema admits no other task.name
 
     return run_fid_ref(cfg)
+
+
+class _Prefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _prefix_console_lines(prefix: str) -> None:
+    """Start every log line of this job with `prefix` (Hydra sets the handlers up anew for each job)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Prefix) for f in handler.filters):
+            handler.addFilter(_Prefix(prefix))
 
 
 def _choices() -> dict[str, str]:
@@ -256,7 +370,7 @@ def regenerate_paper(cfg: DictConfig) -> Path:
     return path
 
 
-def regenerate_report(cfg: DictConfig, folder: Path | None = None) -> Path:
+def regenerate_report(cfg: DictConfig, folder: Path | None = None, quiet: bool = False) -> Path:
     """Rewrite the report folder from the rows of one scope (see `report_scope`), filtered by `task.where`."""
     from edm_lab.report.report import write_report
 
@@ -264,30 +378,90 @@ def regenerate_report(cfg: DictConfig, folder: Path | None = None) -> Path:
     metrics = cfg.task.get("metrics") if cfg.task.name == "report" else None
     path = write_report(frame, cfg.paths.reports_dir, metrics=list(metrics) if metrics else None,
                         title=f"edm-lab report: {scope}")
-    print(f"report: {path} ({scope}, {len(frame)} rows)")
+    if not quiet:
+        print(f"report: {path} ({scope}, {len(frame)} rows)")
     return path
 
 
+def closing_lines(config: DictConfig, folder: Path, report: Path | None, table: str | None = None) -> list[str]:
+    """Where a finished run or sweep left its rows, its tracker runs (and the sweep's W&B table run) and its report."""
+    from edm_lab.track.store import read_manifests
+    from edm_lab.track.tracking import read_records
+
+    records = read_records(folder)
+    rows = read_manifests(folder)
+    computed = sum(r.get("computed", 0) for r in records)
+    out = []
+    if rows:
+        out.append(f"results: {len(rows)} rows in {config.paths.results_dir} ({computed} computed now, "
+                   f"{len(rows) - computed} stored before)")
+    runs = [r for r in records if r.get("location")]
+    if runs:
+        kind = runs[0]["kind"]
+        if kind == "wandb":
+            offline = all(r.get("offline") for r in runs)
+            where = Path(runs[0]["location"]).parent
+            out.append(f"W&B: {len(runs)} {'offline ' if offline else ''}run{'s' * (len(runs) != 1)}"
+                       + (" and the sweep's table" if table else "") + f" in {where}"
+                       + (f" (upload: `cd {where.parent} && wandb sync --yes`)" if offline else ""))
+        else:
+            out.append(f"CSV logs: {', '.join(r['location'] for r in runs)}")
+    elif records and not computed:
+        out.append("tracker: no new run (nothing was computed)")
+    if report is not None:
+        out.append(f"report: {report}")
+    return out
+
+
+def _sweep_table(config: DictConfig, folder: Path, report: Path | None) -> str | None:
+    """A sweep that computed points gets one W&B run with a table of all of its points and the report's plots."""
+    from edm_lab.track.store import ResultsStore, read_manifests, row_key
+    from edm_lab.track.tracking import is_wandb, log_sweep_table, read_records
+
+    if not is_wandb(config.get("logger")) or not any(r.get("computed") for r in read_records(folder)):
+        return None
+    keys = read_manifests(folder)
+    frame = ResultsStore(config.paths.results_dir).load()
+    rows = [r for r in frame.to_dict("records") if row_key(r) in keys]
+    images = sorted(report.parent.glob("*.png")) if report is not None else []
+    return log_sweep_table(config.logger, rows, "/".join(folder.parts[-2:]), images)
+
+
 class RegenerateReport(Callback):
-    """Regenerates the report of a run, or a whole multirun, once it has ended (its own rows only)."""
+    """When a run, or a whole multirun, has ended well: its report (its own rows only), a W&B table of
+    a sweep's points, and the closing lines saying where rows, tracker runs and report are."""
 
     def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if config.task.name not in ("report", "paper") and job_return is not None:
-            self._write(config, lambda: Path(job_return.hydra_cfg.hydra.runtime.output_dir))
+        from hydra.core.utils import JobStatus
+
+        if job_return is None or getattr(job_return, "status", None) != JobStatus.COMPLETED:
+            return  # the job's own error is what the user must read
+        if config.task.name not in ("report", "paper"):
+            self._write(config, lambda: Path(job_return.hydra_cfg.hydra.runtime.output_dir), sweep=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # The sweeper resolved hydra.sweep.dir on this very config object: its cache holds the folder.
-        self._write(config, lambda: Path(str(config.hydra.sweep.dir)))
+        if config.task.name not in ("report", "paper"):
+            self._write(config, lambda: Path(str(config.hydra.sweep.dir)), sweep=True)
 
     @staticmethod
-    def _write(config: DictConfig, folder: Any) -> None:
+    def _write(config: DictConfig, folder: Any, sweep: bool) -> None:
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
         if getattr(rank_zero_only, "rank", 0) != 0:
             return  # under DDP every rank runs the job; the report is written once
+        if not HydraConfig.initialized():  # callbacks run outside the job, where ${hydra:} needs it set
+            HydraConfig.instance().set_config(config)
+        report = None
         try:
-            if not HydraConfig.initialized():  # callbacks run outside the job, where ${hydra:} needs it set
-                HydraConfig.instance().set_config(config)
-            regenerate_report(config, folder=folder())
+            report = regenerate_report(config, folder=folder(), quiet=True)
         except Exception as exc:  # noqa: BLE001 - a report failure must not hide the jobs' own outcome
-            log.error("report not regenerated: %s (run `python run.py task=report`)", exc)
+            log.error("report not regenerated: %s (run `edm-lab task=report`)", exc)
+        table = None
+        if sweep:
+            try:
+                table = _sweep_table(config, folder(), report)
+            except Exception as exc:  # noqa: BLE001 - the rows and the report stand without the table
+                log.error("W&B sweep table not written: %s", exc)
+        for line in closing_lines(config, folder(), report, table):
+            print(line)

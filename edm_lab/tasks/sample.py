@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from hydra.utils import instantiate
+from tqdm.contrib.logging import logging_redirect_tqdm
 from omegaconf import DictConfig, OmegaConf
 
 from edm_lab.atomic import atomic_torch_save, atomic_write_text, cached
@@ -32,6 +33,7 @@ from edm_lab.checkpoints.snapshot import file_sha256
 from edm_lab.design.sampler import sample, stochastic
 from edm_lab.evaluate import reference as ref
 from edm_lab.evaluate.features import FrechetDistance
+from edm_lab.evaluate.progress import SamplingProgress
 from edm_lab.evaluate.sampling import (
     SamplingModule,
     frechet_from_features,
@@ -41,10 +43,11 @@ from edm_lab.evaluate.sampling import (
     start_sigma,
 )
 from edm_lab.tasks import schema
+from edm_lab.tasks.hydra_support import PROJECT_ROOT
 from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.images import grid_items, save_images
 from edm_lab.track.store import ResultsStore, config_hash, write_manifest
-from edm_lab.track.tracking import CurveTracker
+from edm_lab.track.tracking import CurveTracker, configuration_group, make_logger, record_run, run_config
 
 T = TypeVar("T")
 
@@ -58,8 +61,13 @@ HASHED = (*schema.SAMPLING_NODES, "num_samples", "seed")
 UNHASHED_PREFIXES = ("nfe.", "logger.", "paths.", "trainer.", "hydra.", "limits.", "metric.batch_size")
 
 
-def git_commit(root: Path) -> str:
-    """Short commit of the code that ran, '+dirty' when it had uncommitted changes."""
+def git_commit(root: Path | None) -> str:
+    """Short commit of the code that ran, '+dirty' when it had uncommitted changes; an installed package
+    (no checkout, `root` None) is named by its version."""
+    if root is None:
+        from edm_lab import __version__
+
+        return f"edm_lab {__version__}"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -95,13 +103,14 @@ def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str],
 
 
 def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str] = (),
-               sweep: str = "local", project_root: Path | None = None) -> list[dict[str, Any]]:
+               sweep: str = "local", project_root: Path | None = PROJECT_ROOT) -> list[dict[str, Any]]:
     """Evaluate the configured sampler at each step count and repeat; returns the rows (stored or reused)."""
     schema.check(cfg)  # run.py checked it already; direct callers get the same check
     schema.normalize(cfg)
     steps_list = schema.steps(cfg)
     axes = {name: instantiate(cfg[name]) for name in AXES}  # raises on bad values before any work
-    trainer = instantiate(cfg.trainer)  # an unavailable accelerator fails here, before any output
+    # An unavailable accelerator fails here, before any output; the job's one bar replaces Lightning's.
+    trainer = instantiate(cfg.trainer, callbacks=[SamplingProgress()] if cfg.trainer.enable_progress_bar else None)
     dataset = instantiate(cfg.data)
     if cfg.export_images is not None and not dataset.is_image:
         raise ConfigError(f"export_images writes PNG files, but data {dataset.name!r} has samples shaped "
@@ -116,55 +125,81 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     frechet = build_frechet(cfg, dataset, trainer.strategy.root_device)
 
     store = ResultsStore(cfg.paths.results_dir)
-    identity = describe(cfg, choices, overrides, axes, sweep, project_root or Path.cwd(),
+    identity = describe(cfg, choices, overrides, axes, sweep, project_root,
                         getattr(net, "provenance", {}))
     metric = str(cfg.metric.name)
     main = trainer.is_global_zero  # other DDP ranks compute the same rows but write nothing
-    logger = instantiate(cfg.logger) if cfg.get("logger") and main else None
-    tracker = CurveTracker(logger, [metric, "sampler_rmse"], OmegaConf.to_container(cfg, resolve=True))
-    location = tracker.location
+    points = [(num_steps, repeat) for repeat in range(cfg.repeats) for num_steps in steps_list]
+    # Rank 0 reads the store once (an unusable row is moved aside) and decides for all ranks what to compute.
+    stored = {p: store.get(identity["config_hash"], *p) for p in points} if main and not cfg.force else {}
+    stored = trainer.strategy.broadcast({p: row for p, row in stored.items() if row is not None})
+    todo = [p for p in points if p not in stored]
+    if not todo:
+        if main:
+            write_manifest(cfg.paths.output_dir, list(stored.values()))
+            record_run(cfg.paths.output_dir, None, 0)
+            log.info("all %d points of %s are stored: nothing to compute (force=true recomputes)", len(points),
+                     identity["config_hash"])
+        return sorted(stored.values(), key=lambda r: (r["num_steps"], r["repeat"]))
+
+    # A tracker run only for a job that computes: it shows the whole curve, stored points included.
+    logger = None
+    if main and cfg.get("logger"):
+        logger = make_logger(cfg.logger, name=identity["label"], job_type="sample", sweep=sweep,
+                             group=configuration_group(identity["label"], identity["config_hash"]))
+    tracker = CurveTracker(logger, [metric, "sampler_rmse"], run_config(cfg, choices, identity))
     export = _export_root(cfg, identity, main)
+    progress = trainer.progress_bar_callback if isinstance(trainer.progress_bar_callback, SamplingProgress) else None
+    if progress is not None:
+        progress.plan(float(cfg.num_samples) * sum(schema.nfe_estimate(cfg, n) for n, _ in todo))
     references: dict[tuple[float, int], torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     by_steps: dict[int, list[dict[str, Any]]] = {}
     status = "failed"
     try:
-        # Repeat by repeat, so one repeat's reference solution serves all its step counts; the
-        # tracker gets a step count's point once its last repeat is known.
-        for repeat in range(cfg.repeats):
-            references.clear()
-            for num_steps in steps_list:
-                # Rank 0 reads (an unusable row is moved aside once) and decides: all ranks sample, or none.
-                row = store.get(identity["config_hash"], num_steps, repeat) if main and not cfg.force else None
-                row = trainer.strategy.broadcast(row)
-                samples = None
-                if row is not None:
-                    log.info("steps=%d repeat=%d: stored row reused (force=true recomputes)", num_steps, repeat)
-                else:
-                    samples, row = evaluate_point(cfg, trainer, net, dataset, axes, num_steps, repeat, frechet,
-                                                  references, export)
-                    row = {**identity, **row}
-                    if main:
-                        store.write(row)  # only complete rows are ever written
-                        log.info("steps=%d repeat=%d nfe=%g %s=%.4g sampler_rmse=%s (%.1fs, %.0f img/s)", num_steps,
-                                 repeat, row["nfe"], metric, row[metric], _fmt(row["sampler_rmse"]), row["seconds"],
-                                 row["images_per_second"])
-                rows.append(row)
-                by_steps.setdefault(num_steps, []).append(row)
-                if repeat == cfg.repeats - 1:
-                    tracker.log_point(by_steps[num_steps], samples)
+        # On a terminal, log lines print above the bar, not through it.
+        with logging_redirect_tqdm() if progress is not None and progress.draw else contextlib.nullcontext():
+            # Repeat by repeat, so one repeat's reference solution serves all its step counts; the
+            # tracker gets a step count's point once its last repeat is known.
+            for repeat in range(cfg.repeats):
+                references.clear()
+                for num_steps in steps_list:
+                    row, samples = stored.get((num_steps, repeat)), None
+                    if row is None:
+                        phase = f"point {todo.index((num_steps, repeat)) + 1}/{len(todo)} (steps={num_steps})"
+                        samples, row = evaluate_point(cfg, trainer, net, dataset, axes, num_steps, repeat, frechet,
+                                                      references, export, progress, phase)
+                        row = {**identity, **row}
+                        if main:
+                            store.write(row)  # only complete rows are ever written
+                            eta = progress.eta() if progress is not None and not progress.draw else ""
+                            log.info("steps=%d%s nfe=%g %s=%.4g sampler_rmse=%s (%.1fs, %.0f img/s)%s", num_steps,
+                                     f" repeat={repeat}" if cfg.repeats > 1 else "", row["nfe"], metric, row[metric],
+                                     _fmt(row["sampler_rmse"]), row["seconds"], row["images_per_second"],
+                                     f" [{eta}]" if eta else "")
+                    rows.append(row)
+                    by_steps.setdefault(num_steps, []).append(row)
+                    if repeat == cfg.repeats - 1:
+                        tracker.log_point(by_steps[num_steps], samples)
         status = "success"
     finally:
+        if progress is not None:
+            progress.close()
         rows.sort(key=lambda r: (r["num_steps"], r["repeat"]))
         tracker.finish(rows, status)
     if main:
         write_manifest(cfg.paths.output_dir, rows)  # this job's rows, reused ones included, for its report
-        print(f"results: {len(rows)} rows in {store.root} (config {identity['config_hash']})")
-        if location:
-            print(f"tracker run: {location}" + (" (offline: `wandb sync` uploads it)" if tracker.is_wandb else ""))
+        record_run(cfg.paths.output_dir, logger, len(todo))
+        if len(stored):
+            log.info("%d of %d points were stored already (force=true recomputes)", len(stored), len(points))
         if export is not None:
-            print(f"images: {export}")
+            log.info("images: %s", export)
     return rows
+
+
+def reference_cost(cfg: DictConfig) -> int:
+    """Denoiser evaluations of one sample's reference solution (Heun: 2N - 1)."""
+    return 2 * int(cfg.metric.reference_steps) - 1
 
 
 def _export_root(cfg: DictConfig, identity: Mapping[str, Any], main: bool) -> Path | None:
@@ -237,7 +272,8 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
 
 def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, Any], num_steps: int, repeat: int,
                    frechet: FrechetDistance, references: dict[tuple[float, int], torch.Tensor],
-                   export: Path | None = None) -> tuple[torch.Tensor, dict]:
+                   export: Path | None = None, progress: SamplingProgress | None = None,
+                   phase: str = "") -> tuple[torch.Tensor, dict]:
     """Sample repeat `repeat` at `num_steps` and measure: (the tracker's samples, the row's measured columns).
 
     `seconds` is the point's wall time (sampling, features, gathering, distance), without the
@@ -248,8 +284,11 @@ def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, An
     reference = None  # a stochastic sampler does not converge to the ODE's solution: no truncation error
     if cfg.metric.sampler_error and not stochastic(axes["solver"], axes["churn"]):
         if (sigma0, first_seed) not in references:
-            references[(sigma0, first_seed)] = _reference_solution(cfg, trainer, net, dataset, sigma0, first_seed)
+            references[(sigma0, first_seed)] = _reference_solution(cfg, trainer, net, dataset, sigma0, first_seed,
+                                                                   progress)
         reference = references[(sigma0, first_seed)]
+    if progress is not None:
+        progress.begin(phase or f"steps={num_steps}", schema.nfe_estimate(cfg, num_steps))
     on_batch = None
     if export is not None:
         on_batch = functools.partial(_export_batch, export / f"steps-{num_steps}" / f"r{repeat}")
@@ -278,7 +317,8 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
 
-def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float, first_seed: int) -> torch.Tensor:
+def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: float, first_seed: int,
+                        progress: SamplingProgress | None = None) -> torch.Tensor:
     """The same ODE solved with many Heun steps from the same seeds, cached across jobs."""
     # The model's provenance carries a checkpoint's content hash: a file replaced at the same path
     # must not reuse the old network's solution.
@@ -290,8 +330,11 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
                        "seed": first_seed, "num_samples": cfg.num_samples})
 
     def compute() -> torch.Tensor:
-        log.info("reference solution: %d Heun steps from sigma=%.4g, seeds from %d", cfg.metric.reference_steps,
-                 sigma_start, first_seed)
+        log.debug("reference solution: %d Heun steps from sigma=%.4g, seeds from %d", cfg.metric.reference_steps,
+                  sigma_start, first_seed)
+        if progress is not None:  # planned only now: a cached solution costs nothing
+            progress.plan(float(cfg.num_samples) * reference_cost(cfg))
+            progress.begin(f"reference solution ({cfg.metric.reference_steps} Heun steps)", reference_cost(cfg))
         module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps),
                                 first_seed)
         return generate(trainer, module, cfg.num_samples, cfg.batch_size).samples

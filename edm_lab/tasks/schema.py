@@ -588,8 +588,8 @@ def _solver(cfg: DictConfig) -> SolverKind:
     return SOLVERS.get(str(OmegaConf.select(cfg, "solver._target_")), SolverKind(lambda n, solver: 2 * n))
 
 
-def _nfe(cfg: DictConfig, steps: int) -> int:
-    """Denoiser evaluations of one sample at `steps` steps."""
+def nfe_estimate(cfg: DictConfig, steps: int) -> int:
+    """Denoiser evaluations of one sample at `steps` steps (an adaptive solver's: a generous bound)."""
     return _solver(cfg).evaluations(steps, _number(cfg, "solver") or {})
 
 
@@ -616,7 +616,7 @@ def workload(cfg: DictConfig) -> Workload:
     num_samples, repeats = int(_number(cfg, "num_samples")), int(_number(cfg, "repeats"))
     reference = (2 * int(_number(cfg, "metric.reference_steps")) - 1
                  if _number(cfg, "metric.sampler_error") and not stochastic(cfg) else 0)
-    evaluations = float(repeats) * num_samples * (sum(_nfe(cfg, s) for s in steps) + reference)
+    evaluations = float(repeats) * num_samples * (sum(nfe_estimate(cfg, s) for s in steps) + reference)
     elements = _sample_elements(cfg)
     memory = 8.0 * num_samples * (_feature_dim(cfg, elements) + 3 * elements) + BYTES_PER_STEP * max(steps)
     return Workload(evaluations, memory)

@@ -8,9 +8,11 @@ training loss per noise level of the initial and of the final EMA network (Figur
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from edm_lab.checkpoints.resume import check_resume_checkpoint
 from edm_lab.checkpoints.snapshot import save_checkpoint
@@ -31,9 +34,13 @@ from edm_lab.evaluate.sampling import SamplingModule, frechet_from_features, poi
 from edm_lab.nets.denoisers import network_denoiser
 from edm_lab.tasks import schema
 from edm_lab.tasks.sample import AXES, build_frechet, git_commit
+from edm_lab.tasks.hydra_support import PROJECT_ROOT
 from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.store import ResultsStore, config_hash, write_manifest
+from edm_lab.track.tracking import (configuration_group, finish_run, log_model_files, make_logger, read_records,
+                                   record_run, run_config)
 from edm_lab.train.module import DiffusionModule
+from edm_lab.train.progress import KimgProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +124,24 @@ class LossProfile(L.Callback):
 
 
 def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
-              project_root: Path | None = None) -> dict[str, Any]:
+              project_root: Path | None = PROJECT_ROOT) -> dict[str, Any]:
     """Train; returns the final evaluation and where the checkpoints went."""
     schema.check(cfg)  # run.py checked it already; direct callers get the same check
     schema.normalize(cfg)
     t = cfg.task
-    if t.resume is not None:
+    output_dir = Path(cfg.paths.output_dir)
+    resume = t.resume
+    own = output_dir / "checkpoints" / "last.ckpt"
+    if resume is None and own.is_file():
+        # This job's folder already holds its checkpoints: a cluster job requeued after a timeout or a
+        # preemption. It continues (a new job always gets a new folder).
+        resume = str(own)
+        log.info("resuming from this job's own last checkpoint %s (a requeued job)", own)
+    if resume is not None:
         try:
-            check_resume_checkpoint(t.resume)  # weights-only, before anything is built or logged
+            check_resume_checkpoint(resume)  # weights-only, before anything is built or logged
         except ValueError as exc:
-            raise ConfigError(f"task.resume={t.resume}: {exc}") from None
+            raise ConfigError(f"task.resume={resume}: {exc}") from None
     axes = {name: instantiate(cfg[name]) for name in AXES}
     loss = DenoisingLoss(instantiate(cfg.noise), instantiate(cfg.weighting))
     augment_pipe = instantiate(cfg.augment) if cfg.get("augment") else None
@@ -140,18 +155,20 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
                              ema_halflife_kimg=t.ema_halflife_kimg, ema_rampup_ratio=t.ema_rampup_ratio,
                              loss_scaling=t.loss_scaling, seed=cfg.seed)
 
-    output_dir = Path(cfg.paths.output_dir)
     steps = math.ceil(t.duration_kimg * 1000 / t.batch_size)  # optimizer steps (Lightning's global_step)
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="snapshot-{step:07d}", save_top_k=-1,
                                   auto_insert_metric_name=False,  # no '=' in file names: they go into overrides
                                   save_last=True, every_n_train_steps=max(1, round(t.snapshot_kimg * 1000 / t.batch_size)))
-    trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=[checkpoints], enable_checkpointing=True,
+    callbacks: list[L.Callback] = [checkpoints]
+    if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback when bars are off
+        callbacks.append(KimgProgressBar(t.duration_kimg, log_speed=True))  # kimg, img/s, sec/kimg, ETA
+    trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=callbacks, enable_checkpointing=True,
                           log_every_n_steps=max(1, round(t.log_kimg * 1000 / t.batch_size)), logger=False,
                           use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
                           gradient_clip_val=t.grad_clip, gradient_clip_algorithm="norm")
     batch_gpu, trainer.accumulate_grad_batches = batch_split(cfg, trainer.world_size)
     if cfg.get("logger"):  # attached once the batch split is known to work: a refused run leaves no W&B run
-        trainer.logger = _kimg_axis(instantiate(cfg.logger), str(cfg.metric.name))
+        trainer.logger = _training_logger(cfg, choices, sweep, output_dir, trainer.is_global_zero, resume)
     if t.eval_kimg:
         # Built once the trainer knows its device: the data set's reference features are extracted there.
         evaluate = _evaluator(cfg, choices, dataset, axes, sweep, project_root, trainer.strategy.root_device)
@@ -166,43 +183,60 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
     data = ImageDataModule(dataset, batch_gpu, num_workers=t.num_workers, xflip=t.xflip, seed=cfg.seed,
                            use_labels=t.class_conditional, start=lambda: module.cur_nimg)
     began = time.perf_counter()
+    status = "failed"
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=t.resume, weights_only=True)
+        # On a terminal, log lines (evaluations) print above the progress bar, not through it.
+        with logging_redirect_tqdm() if sys.stderr.isatty() else contextlib.nullcontext():
+            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        status = "success"
     finally:
-        _finish_wandb(trainer)
+        if trainer.is_global_zero and status != "success":
+            finish_run(trainer.logger, status)
     result = {"kimg": module.kimg, "seconds": time.perf_counter() - began, "checkpoints": str(checkpoints.dirpath)}
     if trainer.is_global_zero:
         rows = list(evaluate.rows) if t.eval_kimg else []
         if profile is not None and profile.final is not None:  # None: fit had nothing left to train
             rows.append(_write_profile(cfg, choices, sweep, project_root, loss, profile))
-        if rows:
-            write_manifest(output_dir, rows)
+        if rows or resume is not None:
+            write_manifest(output_dir, rows, keep=resume is not None)
         final = save_checkpoint(module.ema, output_dir / f"network-snapshot-{int(module.kimg):06d}.safetensors",
-                                extra={"kimg": module.kimg, "git_commit": git_commit(project_root or Path.cwd())})
+                                extra={"kimg": module.kimg, "git_commit": git_commit(project_root)})
         result["network"] = str(final)
+        if cfg.logger is not None and cfg.logger.get("artifacts"):
+            log_model_files(trainer.logger, {"network": final, "checkpoint": Path(checkpoints.dirpath) / "last.ckpt"},
+                            {"kimg": module.kimg})
+        if trainer.logger is not None:
+            record_run(output_dir, trainer.logger, len(rows))
+        finish_run(trainer.logger)
         print(f"trained {module.kimg:g} kimg in {result['seconds']:.0f}s; EMA network: {final} "
               f"(sample with model=checkpoint model.path={final}); checkpoints: {checkpoints.dirpath}")
     return result
 
 
-def _kimg_axis(logger: Logger, metric: str) -> Logger:
-    """W&B charts training progress in kimg (the paper's unit), not in optimizer steps."""
+def _training_logger(cfg: DictConfig, choices: Mapping[str, str], sweep: str, output_dir: Path, main: bool,
+                     resume: str | None) -> Logger:
+    """The run's logger: W&B charts progress in kimg (the paper's unit), not in optimizer steps; a run resumed
+    from a checkpoint continues the W&B run recorded in that checkpoint's run folder."""
+    previous = read_records(Path(resume).expanduser().resolve().parent.parent) if resume is not None else []
+    run_id = next((r.get("id") for r in previous if r.get("id")), None)
+    label = run_label(choices)
+    logger = make_logger(cfg.logger, name=label, group=configuration_group(label, config_hash(run_identity(cfg))),
+                         job_type="train", sweep=sweep, run_id=run_id)
+    if not main:
+        return logger
     if isinstance(logger, WandbLogger):
-        run = logger.experiment  # a no-op stand-in on ranks other than 0
+        run = logger.experiment
         # Named one by one: an exact definition outranks Lightning's "*" -> global_step glob.
-        for prefix, names in (("train", ("loss", "lr")), ("eval", (metric,))):
-            run.define_metric(f"{prefix}/kimg")
+        for prefix, names in (("train", ("loss", "lr", "images_per_second", "sec_per_kimg")),
+                              ("eval", (str(cfg.metric.name),))):
+            run.define_metric(f"{prefix}/kimg", hidden=True)
             for name in names:
-                run.define_metric(f"{prefix}/{name}", step_metric=f"{prefix}/kimg")
+                run.define_metric(f"{prefix}/{name}", step_metric=f"{prefix}/kimg",
+                                  summary="min" if prefix == "eval" else "last")
+    logger.log_hyperparams(run_config(cfg, choices, {**run_columns(cfg, choices), "label": label,
+                                                      "run_hash": config_hash(run_identity(cfg)), "sweep": sweep}))
+    record_run(output_dir, logger, 0)  # now: a run killed before its end can still be resumed into this W&B run
     return logger
-
-
-def _finish_wandb(trainer: L.Trainer) -> None:
-    # Lightning leaves the W&B run open; the next job of a multirun in this process would log into it.
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.finish()
 
 
 # Task keys that change neither the network at a given kimg nor its evaluation: a resumed or
@@ -250,7 +284,7 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
     evaluation = {**run, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in AXES},
                   "num_samples": cfg.num_samples}
     label = run_label(choices)
-    commit = git_commit(project_root or Path.cwd())
+    commit = git_commit(project_root)
     first, end = int(cfg.seed), int(cfg.seed) + int(cfg.num_samples)
 
     def evaluate(ema: torch.nn.Module, nimg: int) -> dict[str, float]:
@@ -291,6 +325,6 @@ def _write_profile(cfg: DictConfig, choices: Mapping[str, str], sweep: str, proj
            "num_steps": len(sigmas), "nfe": 2 * len(sigmas), "label": run_label(choices), "task": "loss_profile",
            "sweep": sweep, "kimg": profile.kimg, "sigma": sigmas.tolist(), "loss_initial": profile.initial,
            "loss_final": profile.final, "p_sigma": p_sigma.tolist(), "num_images": len(profile.images),
-           **run_columns(cfg, choices), "git_commit": git_commit(project_root or Path.cwd())}
+           **run_columns(cfg, choices), "git_commit": git_commit(project_root)}
     ResultsStore(cfg.paths.results_dir).write(row)
     return row

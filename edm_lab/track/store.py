@@ -258,16 +258,22 @@ def row_key(row: Mapping) -> RowKey:
     return str(row["config_hash"]), _steps_key(row["num_steps"]), _repeat_key(row.get("repeat", 0))
 
 
-def write_manifest(folder: str | Path, rows: list[Mapping]) -> Path:
+def write_manifest(folder: str | Path, rows: list[Mapping], keep: bool = False) -> Path:
     """Record in a job's output folder which rows it computed or reused, so its report can find them
-    (a reused row keeps the sweep that first computed it)."""
-    return atomic_write_text(Path(folder) / MANIFEST, json.dumps(sorted({row_key(r) for r in rows})) + "\n")
+    (a reused row keeps the sweep that first computed it); `keep`: add to the rows recorded there (a
+    resumed training run continuing in its folder)."""
+    keys = {row_key(r) for r in rows}
+    if keep:
+        keys |= read_manifests(Path(folder) / MANIFEST) if (Path(folder) / MANIFEST).is_file() else set()
+    return atomic_write_text(Path(folder) / MANIFEST, json.dumps(sorted(keys)) + "\n")
 
 
 def read_manifests(folder: str | Path) -> set[RowKey]:
-    """The row keys of every job manifest under `folder` (a run's folder, or a sweep's with its jobs)."""
+    """The row keys of every job manifest under `folder` (a run's folder, or a sweep's with its jobs), or of one
+    manifest file."""
     keys: set[RowKey] = set()
-    for path in sorted(Path(folder).rglob(MANIFEST)):
+    folder = Path(folder)
+    for path in [folder] if folder.is_file() else sorted(folder.rglob(MANIFEST)):
         try:
             keys.update((str(h), int(n), int(r)) for h, n, r in json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as exc:
