@@ -138,3 +138,24 @@ def test_rerun_skips_stored_points_and_force_recomputes(sweep):
     assert len(changed) == 2
     assert len(store.load()) == 8
     assert json.loads(changed[0].read_text())["solver"] == "euler"
+
+
+def test_wandb_sync_in_the_root_finds_every_run(sweep):
+    """The one documented command: `wandb sync --yes` in paths.root; its dry run lists what it would upload."""
+    root, _ = sweep
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}  # silent, it would list nothing
+    proc = subprocess.run(["wandb", "sync", "--dry-run"], cwd=root, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split("/")[-2] for line in (proc.stdout + proc.stderr).splitlines() if "run-" in line and ".wandb" in line}
+    latest = (root / "wandb" / "latest-run").resolve().name  # W&B lists its newest run by this link
+    assert {latest if name == "latest-run" else name for name in listed} == set(wandb_runs(root)), proc.stdout
+
+
+def test_a_failed_run_prints_its_error_and_no_report(tmp_path):
+    """Inception weights missing: the job fails before sampling; nothing says a report or results were written."""
+    args = ["metric=fid", "data.limit=64", "nfe.steps=[2]", "num_samples=16"]
+    proc = run_cli(tmp_path, *args, env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert proc.returncode != 0
+    assert "pt_inception-2015-12-05-6726825d.pth are missing" in proc.stderr
+    assert "report:" not in proc.stdout and "results:" not in proc.stdout
+    assert not (tmp_path / "reports" / "report.md").exists()

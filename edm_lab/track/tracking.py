@@ -197,11 +197,6 @@ class CurveTracker:
             self.logger.experiment.log({"curve": rows_table(rows)})
         finish_run(self.logger, status)
 
-    @property
-    def location(self) -> str | None:
-        """Where the tracker wrote this run (a W&B run directory or a CSV log folder)."""
-        return None if self.logger is None else run_location(self.logger)
-
 
 def rows_table(rows: Sequence[Mapping[str, Any]]):
     """Store rows as a W&B table (nested values as JSON text, so every column has one type)."""
