@@ -157,3 +157,30 @@ def test_a_refused_checkpoint_is_one_line_naming_the_key_and_file(tmp_path):
         run_sample(cfg, {**CHOICES, "model": "checkpoint"})
     assert str(info.value).startswith(f"model.path={bad}: checkpoint {bad}")
     assert not (tmp_path / "results" / "rows").exists() and not list(tmp_path.rglob("wandb"))
+
+
+def test_counter_seed_noise_is_its_own_configuration_and_keeps_the_seed_protocol(tmp_path):
+    """`seed_noise=counter`: other latents than the reference's generators, so another config hash and label;
+    image i still depends on seed i alone, so the rows do not depend on the batch size."""
+    stochastic = ["churn=imagenet", "nfe.steps=[4]"]
+    plain = run_sample(compose_cfg(tmp_path / "a", *TINY, *stochastic), CHOICES)
+    counter = run_sample(compose_cfg(tmp_path / "b", *TINY, *stochastic, "seed_noise=counter"), CHOICES)
+    rebatched = run_sample(compose_cfg(tmp_path / "c", *TINY, *stochastic, "seed_noise=counter", "batch_size=7"),
+                           CHOICES)
+    assert plain[0]["config_hash"] != counter[0]["config_hash"] == rebatched[0]["config_hash"]
+    assert "seed_noise=counter" in counter[0]["label"] and counter[0]["seed_noise"] == "counter"
+    assert plain[0]["fd_raw"] != counter[0]["fd_raw"]
+    assert counter[0]["fd_raw"] == rebatched[0]["fd_raw"] and counter[0]["sampler_rmse"] == rebatched[0]["sampler_rmse"]
+
+
+def test_the_fast_path_is_its_own_configuration(tmp_path):
+    """`fast.channels_last=true` on a network: its own config hash and label; the metric moves by float rounding."""
+    network = ["model=network", "net=ddpmpp_small", "data=digits", "data.limit=64", "metric=raw", "nfe.steps=[3]",
+               "num_samples=16", "batch_size=16", "metric.reference_steps=4", "logger=csv",
+               "trainer.enable_progress_bar=false"]
+    choices = {**CHOICES, "data": "digits", "model": "network", "net": "ddpmpp_small"}
+    eager = run_sample(compose_cfg(tmp_path / "a", *network), choices)
+    fast = run_sample(compose_cfg(tmp_path / "b", *network, "fast.channels_last=true"), choices)
+    assert eager[0]["config_hash"] != fast[0]["config_hash"]
+    assert "fast.channels_last=true" in fast[0]["label"] and "fast" not in eager[0]["label"]
+    assert fast[0]["fd_raw"] == pytest.approx(eager[0]["fd_raw"], rel=1e-4)

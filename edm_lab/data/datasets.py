@@ -1,47 +1,107 @@
-"""In-memory datasets scaled to [-1, 1], the form every denoiser and metric here consumes."""
+"""In-memory datasets scaled to [-1, 1], the form every denoiser and metric here consumes (8-bit images
+may be kept as uint8 and converted per batch)."""
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+# Elements converted per step while hashing uint8 pixels: bounds the float32 scratch to 64 MB.
+_HASH_CHUNK = 1 << 24
 
-@dataclass
+
+def uint8_to_float(pixels: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in [-1, 1] as ``x / 127.5 - 1``: the exact float32 operations (division,
+    then subtraction, each correctly rounded) the loaders have always used, so results are bit-identical."""
+    return pixels.to(torch.float32).div_(127.5).sub_(1)
+
+
 class ArrayDataset(Dataset):
-    """Samples (n, C, H, W) or (n, D) in [-1, 1], optional int labels (n,)."""
+    """Samples (n, C, H, W) or (n, D) in [-1, 1], optional int labels (n,).
 
-    name: str
-    samples: Tensor
-    labels: Tensor | None = None
-    num_classes: int = 0
-    fingerprint: str = field(init=False)
+    Give either float `samples` or, for 8-bit images, `raw`: uint8 pixels (n, C, H, W) in [0, 255] that
+    stay uint8 in memory (a quarter of float32: ImageNet-64 is 15.7 GB instead of 63 GB) and are converted
+    by ``uint8_to_float`` per item or batch (``__getitem__``, ``sample_batch``). For a raw-backed data set
+    the ``samples`` property materialises the whole float32 tensor on first access and keeps it (that
+    costs the float32 memory): meant for small data sets (the ideal denoiser, tests); the training view
+    and the reference statistics read through ``sample_batch`` instead and never touch it.
 
-    def __post_init__(self) -> None:
-        if self.labels is not None and len(self.labels) != len(self.samples):
-            raise ValueError(f"dataset {self.name}: {len(self.labels)} labels for {len(self.samples)} samples")
-        digest = hashlib.sha256(self.samples.detach().cpu().contiguous().numpy().tobytes())
+    The fingerprint hashes the float32 samples (+ int64 labels) whichever way they are stored, so a data
+    set keeps its cache key (reference statistics, extractors) when its storage changes.
+    """
+
+    def __init__(self, name: str, samples: Tensor | None = None, labels: Tensor | None = None,
+                 num_classes: int = 0, *, raw: Tensor | None = None) -> None:
+        if (samples is None) == (raw is None):
+            raise ValueError(f"dataset {name}: give exactly one of samples (float) and raw (uint8 pixels)")
+        if raw is not None and (raw.dtype != torch.uint8 or raw.ndim != 4):
+            raise ValueError(f"dataset {name}: raw pixels must be uint8 (n, C, H, W), got {raw.dtype} "
+                             f"{tuple(raw.shape)}")
+        self.name = name
+        self.raw = raw
+        self._samples = samples  # float32; for a raw-backed set only once `samples` has been read
+        self.labels = labels
+        self.num_classes = num_classes
+        if labels is not None and len(labels) != len(self):
+            raise ValueError(f"dataset {name}: {len(labels)} labels for {len(self)} samples")
+        self.fingerprint = f"{name}-{self._digest()}"
+
+    def _digest(self) -> str:
+        digest = hashlib.sha256()
+        if self.raw is None:
+            digest.update(self._samples.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            # sha256 over consecutive chunks = sha256 of the whole float32 buffer: the same key as a
+            # float-backed copy, without ever holding that copy.
+            flat = self.raw.detach().cpu().contiguous().reshape(-1)  # no copy for the usual CPU tensor
+            for start in range(0, len(flat), _HASH_CHUNK):
+                digest.update(uint8_to_float(flat[start:start + _HASH_CHUNK]).numpy().data)
         if self.labels is not None:
             digest.update(self.labels.cpu().contiguous().numpy().tobytes())
-        self.fingerprint = f"{self.name}-{digest.hexdigest()[:12]}"
+        return digest.hexdigest()[:12]
+
+    @property
+    def samples(self) -> Tensor:
+        """All samples as one float32 tensor; for a raw-backed set built (n x 4 bytes per pixel) and kept."""
+        if self._samples is None:
+            self._samples = uint8_to_float(self.raw)
+        return self._samples
+
+    def sample_batch(self, index: int | slice | Sequence[int] | Tensor) -> Tensor:
+        """Float32 samples at `index` (indexing as for a tensor: an int gives one sample without a batch
+        dimension), converted from the uint8 pixels when the data set keeps those."""
+        if self.raw is None:
+            return self._samples[index]
+        return uint8_to_float(self.raw[index])
+
+    @property
+    def _storage(self) -> Tensor:
+        return self._samples if self.raw is None else self.raw
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.samples.shape[1:])
+        return tuple(self._storage.shape[1:])
 
     @property
     def is_image(self) -> bool:
-        return self.samples.ndim == 4
+        return self._storage.ndim == 4
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._storage)
 
     def __getitem__(self, i: int):
-        return self.samples[i] if self.labels is None else (self.samples[i], self.labels[i])
+        sample = self.sample_batch(i)
+        return sample if self.labels is None else (sample, self.labels[i])
+
+    def __repr__(self) -> str:
+        storage = "uint8" if self.raw is not None else "float32"
+        return (f"ArrayDataset(name={self.name!r}, n={len(self)}, sample_shape={self.sample_shape}, "
+                f"storage={storage}, num_classes={self.num_classes}, fingerprint={self.fingerprint!r})")
 
 
 def _to_resolution(images: Tensor, resolution: int, mode: str) -> Tensor:

@@ -95,7 +95,11 @@ class Precond(nn.Module):
         class_labels = self.prepare_labels(class_labels, x.device)
         dtype = self.model_dtype(x, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        x_in = (c_in * x).to(dtype)
+        memory_format = getattr(self, "memory_format", torch.contiguous_format)  # NHWC: edm_lab.nets.fast
+        if memory_format is not torch.contiguous_format and x_in.ndim == 4:
+            x_in = x_in.contiguous(memory_format=memory_format)
+        F_x = self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         if self.img_channels is not None:
             F_x = F_x[:, :self.img_channels]  # ADM-style nets also predict a variance: drop it
         return c_skip * x + c_out * F_x.to(torch.float32)

@@ -116,9 +116,12 @@ class Problem:
     class_labels: Tensor | None = None
     randn_like: RandnLike = torch.randn_like
     progress: Callable[[Iterable], Iterable] | None = None
+    sigma_host: list[float] | None = None  # sigma(t_i) as host floats; None: read off t_steps (a device sync)
 
     def __post_init__(self) -> None:
         self.D = CountingDenoiser(self.net)
+        if self.sigma_host is None:
+            self.sigma_host = [float(v) for v in self.schedule.sigma(self.t_steps.detach().cpu())]
 
     @property
     def num_steps(self) -> int:
@@ -166,7 +169,9 @@ class Problem:
         """
         sigma, s, churn = self.sigma, self.s, self.churn
         sigma_cur = sigma(t_cur)
-        gamma = churn.gamma(float(sigma_cur), self.num_steps)
+        # gamma_i is decided on the host from sigma(t_i) kept there: reading it off the device would wait for
+        # the GPU at every step.
+        gamma = churn.gamma(self.sigma_host[i], self.num_steps)
         t_hat = self.schedule.sigma_inv(round_sigma(self.net, sigma_cur + gamma * sigma_cur))
         noise_std = (sigma(t_hat) ** 2 - sigma_cur ** 2).clip(min=0).sqrt() * s(t_hat) * churn.S_noise
         return s(t_hat) / s(t_cur) * x + noise_std * self.randn_like(x), t_hat
@@ -188,11 +193,14 @@ def sample(net: Denoiser, latents: Tensor, num_steps: int, *,
     if solver.stochastic and churn.stochastic:
         raise ValueError(f"churn (Algorithm 2) raises the noise level of the ODE solvers; {solver!r} is stochastic "
                          "itself: use churn=none")
-    t_steps, schedule = time_steps(net, num_steps, schedule or LinearSchedule(), discretization or EDMDiscretization(),
-                                   device=latents.device)
-    problem = Problem(net, t_steps, schedule, (scaling or NoScaling()).bind(schedule), churn, class_labels,
-                      randn_like, progress)
-    x = latents.to(torch.float64) * (problem.sigma(t_steps[0]) * problem.s(t_steps[0]))
+    # The time steps are computed on the host (float64), kept there for the host-side decisions of the step
+    # loop, and copied to the device once: the loop itself never waits for the device.
+    t_host, schedule = time_steps(net, num_steps, schedule or LinearSchedule(), discretization or EDMDiscretization())
+    sigma_host = [float(v) for v in schedule.sigma(t_host)]
+    problem = Problem(net, t_host.to(latents.device), schedule, (scaling or NoScaling()).bind(schedule), churn,
+                      class_labels, randn_like, progress, sigma_host)
+    t_0 = problem.t_steps[0]
+    x = latents.to(torch.float64) * (problem.sigma(t_0) * problem.s(t_0))
     return SampleResult(x=solver(problem, x), nfe=problem.D.calls, nfe_per_sample=problem.D.per_sample)
 
 

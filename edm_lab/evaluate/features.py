@@ -446,13 +446,18 @@ class FrechetDistance:
         return self
 
     @torch.no_grad()
-    def _feed(self, samples: Tensor, real: bool) -> None:
+    def _feed(self, samples: Tensor | ArrayDataset, real: bool) -> None:
         for start in range(0, len(samples), self.batch_size):
-            batch = samples[start:start + self.batch_size].to(device=self.device, dtype=self.input_dtype)
-            self._metric.update(batch, real=real)
+            stop = start + self.batch_size
+            # A data set converts only this batch: a uint8-backed one never builds its float32 copy
+            # (same values and batch boundaries as its `samples`, so the same statistics).
+            batch = (samples.sample_batch(slice(start, stop)) if isinstance(samples, ArrayDataset)
+                     else samples[start:stop])
+            self._metric.update(batch.to(device=self.device, dtype=self.input_dtype), real=real)
 
-    def set_reference(self, samples: Tensor) -> None:
-        """Replace the reference statistics with those of ``samples`` (e.g. the training set)."""
+    def set_reference(self, samples: Tensor | ArrayDataset) -> None:
+        """Replace the reference statistics with those of ``samples`` (e.g. the training set, a tensor or
+        the ArrayDataset itself, read batch by batch)."""
         if len(samples) < 2:
             raise ValueError(f"the reference set needs at least 2 samples, got {len(samples)}")
         self._metric = self._new_metric()

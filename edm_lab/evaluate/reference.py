@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from edm_lab.atomic import atomic_write_bytes, cached
+from edm_lab.data.datasets import ArrayDataset
 from edm_lab.evaluate.features import INCEPTION_EXTRACTOR_NAME
 
 __all__ = [
@@ -176,10 +177,13 @@ def reference_cache_key(fingerprint: str, extractor_options: Mapping[str, Any]) 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_data_statistics(frechet, samples: Tensor, fingerprint: str, extractor_options: Mapping[str, Any],
-                           cache_dir: str | Path) -> dict[str, Tensor]:
+def cached_data_statistics(frechet, samples: Tensor | ArrayDataset, fingerprint: str,
+                           extractor_options: Mapping[str, Any], cache_dir: str | Path) -> dict[str, Tensor]:
     """The reference statistics of ``samples`` under ``frechet``'s extractor, computed once per
-    (fingerprint, extractor options) in ``cache_dir/reference_stats/<key>.pt`` (parallel jobs included)."""
+    (fingerprint, extractor options) in ``cache_dir/reference_stats/<key>.pt`` (parallel jobs included).
+
+    Pass the ArrayDataset itself rather than its ``.samples`` for large image sets: it is then converted
+    to float batch by batch, never held as float32 whole; the statistics are the same to the bit."""
     def compute() -> dict[str, Tensor]:
         log.info("reference statistics: extracting %s features of %d samples (cached as %s)",
                  extractor_name(frechet.extractor), len(samples), path.name)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from edm_lab.design.churn import Churn
 from edm_lab.design.discretizations import EDMDiscretization
+from edm_lab.design.noise import CounterNoise
 from edm_lab.design.sampler import PerSampleNoise, SampleResult, noise_levels, sample
 from edm_lab.design.schedules import LinearSchedule, NoScaling
 from edm_lab.design.solvers import SecondOrder
@@ -81,7 +82,8 @@ class SamplingModule(L.LightningModule):
     def __init__(self, net: nn.Module, sample_shape: Sequence[int], sampler: Sampler, first_seed: int = 0,
                  extractor: nn.Module | None = None, feature_batch_size: int = 512,
                  feature_dtype: torch.dtype = torch.float32, reference: Tensor | None = None,
-                 keep_samples: int | None = None, on_batch: BatchHook | None = None) -> None:
+                 keep_samples: int | None = None, on_batch: BatchHook | None = None,
+                 noise: str = "generators") -> None:
         super().__init__()
         self.net, self.sample_shape, self.sampler = net, tuple(sample_shape), sampler
         self.first_seed = int(first_seed)
@@ -89,6 +91,7 @@ class SamplingModule(L.LightningModule):
         self.num_features = int(extractor.num_features) if extractor is not None else 0
         self.feature_batch_size, self.feature_dtype = int(feature_batch_size), feature_dtype
         self.reference, self.keep_samples, self.on_batch = reference, keep_samples, on_batch
+        self.noise = noise
         self.reset()
 
     def reset(self) -> None:
@@ -102,7 +105,7 @@ class SamplingModule(L.LightningModule):
         """Sample one batch of seeds and keep its parts; returns the batch's size (the parts stay here)."""
         seed_list = seeds.tolist()
         start = time.perf_counter()
-        result = sample_seeds(self.net, self.sample_shape, self.sampler, seed_list, self.device)
+        result = sample_seeds(self.net, self.sample_shape, self.sampler, seed_list, self.device, self.noise)
         _synchronize(self.device)
         self.sampling_seconds += time.perf_counter() - start
         self.nfe.add(result.nfe)
@@ -151,10 +154,16 @@ class Generated:
     sampling_seconds: float       # the slowest rank's time in the sampler (synchronized)
 
 
+NOISE_SOURCES = {"generators": PerSampleNoise, "counter": CounterNoise}  # the `seed_noise` key
+
+
 def sample_seeds(net: nn.Module, sample_shape: tuple[int, ...], sampler: Sampler, seeds: list[int],
-                 device: torch.device | str = "cpu") -> SampleResult:
-    """Sample i from seed i: latents, then class labels (if any), then churn noise, all from that seed."""
-    noise = PerSampleNoise(seeds, device=device)
+                 device: torch.device | str = "cpu", noise: str = "generators") -> SampleResult:
+    """Sample i from seed i: latents, then class labels (if any), then churn noise, all from that seed.
+
+    `noise`: "generators" draws from one generator per seed (the reference's bits, a loop over the batch),
+    "counter" from a counter-based hash of (seed, draw, element) for the whole batch at once."""
+    noise = NOISE_SOURCES[noise](seeds, device=device)
     latents = noise.randn((len(seeds), *sample_shape), device=device)
     class_labels = None
     label_dim = getattr(net, "label_dim", 0)

@@ -34,6 +34,7 @@ from edm_lab.design.sampler import sample, stochastic
 from edm_lab.evaluate import reference as ref
 from edm_lab.evaluate.features import FrechetDistance
 from edm_lab.evaluate.progress import SamplingProgress
+from edm_lab.nets.fast import FastPath, accelerate
 from edm_lab.evaluate.sampling import (
     SamplingModule,
     frechet_from_features,
@@ -120,6 +121,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     except (ValueError, OSError, OfficialCheckpointError) as exc:  # a loader's refusal, naming the file: one line
         key = f"model.path={cfg.model.path}" if "path" in cfg.model else f"model={choices.get('model')}"
         raise ConfigError(f"{key}: {exc}") from exc
+    net = accelerate(net, FastPath(**cfg.fast))
     # FID weights are checked here, before any sampling; the data set's features are extracted on the
     # trainer's device (the Inception features of 50k images take hours on a CPU).
     frechet = build_frechet(cfg, dataset, trainer.strategy.root_device)
@@ -229,7 +231,7 @@ def build_frechet(cfg: DictConfig, dataset, device: torch.device | str | None = 
                              key="metric.reference")
         stats = ref.statistics_from_moments(loaded.mu, loaded.sigma, loaded.num_images or ref.DEFAULT_COUNT)
     else:
-        stats = ref.cached_data_statistics(frechet, dataset.samples, dataset.fingerprint,
+        stats = ref.cached_data_statistics(frechet, dataset, dataset.fingerprint,
                                            OmegaConf.to_container(cfg.metric.extractor, resolve=True), cache_dir)
     frechet.load_reference_statistics(stats)
     return frechet
@@ -259,13 +261,23 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
     hashed = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
               for k in HASHED}
     hashed["metric"] = _metric_identity(hashed["metric"])
+    # Other noise, or another way to compute the network, other numbers; absent by default, so that older rows
+    # keep their hash.
+    if cfg.seed_noise != "generators":
+        hashed["seed_noise"] = cfg.seed_noise
+    if FastPath(**cfg.fast).enabled:
+        hashed["fast"] = OmegaConf.to_container(cfg.fast, resolve=True)
     hashed["provenance"] = provenance  # a checkpoint is identified by its content, not its path
     params = [o for o in overrides if "." in o.split("=")[0] and not o.startswith(UNHASHED_PREFIXES)]
+    if cfg.seed_noise != "generators":
+        params.append(f"seed_noise={cfg.seed_noise}")
+    params += [p for p in (f"fast.{k}=true" for k, v in cfg.fast.items() if v is True) if p not in params]
     return {
         "config_hash": config_hash(hashed), "label": make_label(choices, params, provenance), "sweep": sweep,
         **{k: choices.get(k) for k in ("data", "model", "precond", *AXES, "metric")},
         **axis_params(axes),
-        "num_samples": int(cfg.num_samples), "seed": int(cfg.seed), "git_commit": git_commit(project_root),
+        "num_samples": int(cfg.num_samples), "seed": int(cfg.seed), "seed_noise": str(cfg.seed_noise),
+        "git_commit": git_commit(project_root),
         **{k: v for k, v in provenance.items() if k != "precond"},
     }
 
@@ -296,7 +308,7 @@ def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, An
     module = SamplingModule(net, dataset.sample_shape, functools.partial(sample, num_steps=num_steps, **axes),
                             first_seed, extractor=frechet.extractor, feature_batch_size=frechet.batch_size,
                             feature_dtype=frechet.input_dtype, reference=reference,
-                            keep_samples=grid_items(dataset.sample_shape), on_batch=on_batch)
+                            keep_samples=grid_items(dataset.sample_shape), on_batch=on_batch, noise=cfg.seed_noise)
     out = generate(trainer, module, cfg.num_samples, cfg.batch_size)
     value = frechet_from_features(frechet.reference_statistics(), out.features, frechet.batch_size)
     error = None
@@ -327,6 +339,8 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
                        "provenance": getattr(net, "provenance", {}),
                        "precond": OmegaConf.to_container(cfg.precond, resolve=True),
                        "sigma_start": repr(sigma_start), "steps": cfg.metric.reference_steps,
+                       **({"seed_noise": cfg.seed_noise} if cfg.seed_noise != "generators" else {}),
+                       **({"fast": OmegaConf.to_container(cfg.fast)} if FastPath(**cfg.fast).enabled else {}),
                        "seed": first_seed, "num_samples": cfg.num_samples})
 
     def compute() -> torch.Tensor:
@@ -336,7 +350,7 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
             progress.plan(float(cfg.num_samples) * reference_cost(cfg))
             progress.begin(f"reference solution ({cfg.metric.reference_steps} Heun steps)", reference_cost(cfg))
         module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps),
-                                first_seed)
+                                first_seed, noise=cfg.seed_noise)  # the points' latents
         return generate(trainer, module, cfg.num_samples, cfg.batch_size).samples
 
     return shared_cache(trainer, Path(cfg.paths.cache_dir) / "references" / f"{key}.pt", compute)

@@ -99,7 +99,7 @@ class LossProfile(L.Callback):
     def __init__(self, cfg: DictConfig, dataset, loss: DenoisingLoss) -> None:
         t = cfg.task
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:t.loss_profile_images]
-        self.images = dataset.samples[pick]
+        self.images = dataset.sample_batch(pick)  # these images only: a uint8 data set stays uint8
         self.labels = one_hot_labels(dataset)[pick] if t.class_conditional else None
         self.sigmas = sigma_grid(t.loss_profile_sigmas, *LOSS_PROFILE_SIGMA_RANGE)
         self.weighting, self.seed, self.batch_size = loss.weighting, int(cfg.seed), int(cfg.batch_size)
@@ -282,7 +282,8 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
     run_hash = config_hash(run)  # one training run: the report draws its metric against kimg
     # A row is one evaluation: of this run's network at kimg, with this sampler and sample count.
     evaluation = {**run, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in AXES},
-                  "num_samples": cfg.num_samples}
+                  "num_samples": cfg.num_samples,
+                  **({"seed_noise": cfg.seed_noise} if cfg.seed_noise != "generators" else {})}
     label = run_label(choices)
     commit = git_commit(project_root)
     first, end = int(cfg.seed), int(cfg.seed) + int(cfg.num_samples)
@@ -293,7 +294,7 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
         # (on the EMA's device) as `task=sample` of the saved network, hence the same number.
         module = SamplingModule(ema, dataset.sample_shape, sampler, first, extractor=frechet.extractor,
                                 feature_batch_size=frechet.batch_size, feature_dtype=frechet.input_dtype,
-                                keep_samples=0).to(next(ema.parameters()).device)
+                                keep_samples=0, noise=cfg.seed_noise).to(next(ema.parameters()).device)
         with torch.no_grad():
             for start in range(first, end, cfg.batch_size):
                 module.predict_step(torch.arange(start, min(start + cfg.batch_size, end)), 0)

@@ -1,0 +1,57 @@
+"""The network's fast path for sampling: compiled, channels-last, TF32 (the `fast` config node).
+
+Each switch changes how the same network is computed, never what it computes: outputs move by float
+rounding (compile reorders and fuses operations), or by TF32's 10-bit mantissa in fp32 matrix products on
+CUDA. The sampler's state stays float64 and the preconditioner's arithmetic float32; reduced precision
+of the network itself stays where it was (`precond.precision`, `model.precision`). All switches are
+off by default: their speed-ups are to be measured on the GPU (bench/fast_path.py), and rows computed
+with any of them on are their own configuration (the config hash includes `fast` when not all off).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """`compile`: torch.compile of the inner network with fixed shapes (a new batch shape recompiles
+    once; `mode` as torch.compile's, e.g. "max-autotune" adds CUDA graphs); `channels_last`: the inner
+    network's weights and inputs in NHWC, which cuDNN and inductor convolve faster; `tf32`: TF32 for fp32
+    matrix products and convolutions on CUDA (no effect elsewhere)."""
+
+    compile: bool = False
+    mode: str = "default"
+    channels_last: bool = False
+    tf32: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.compile or self.channels_last or self.tf32
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions on CUDA (PyTorch leaves matmuls off, the reference too)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def accelerate(denoiser: nn.Module, fast: FastPath) -> nn.Module:
+    """Put `denoiser`'s inner network (`denoiser.model`) on the fast path; returns the denoiser.
+
+    A denoiser without an inner network (the ideal denoiser) is returned as it is.
+    """
+    set_tf32(fast.tf32)
+    model = getattr(denoiser, "model", None)
+    if not isinstance(model, nn.Module):
+        return denoiser
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
+        denoiser.memory_format = torch.channels_last  # the preconditioner hands the network NHWC inputs
+    if fast.compile:
+        # The compiled wrapper shares the eager module's weights; its state_dict keys gain `_orig_mod.`, which
+        # no checkpoint sees: only sampling takes this path, and it never saves the network.
+        denoiser.model = torch.compile(model, dynamic=False, mode=fast.mode)
+    return denoiser
