@@ -39,6 +39,7 @@ from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.store import ResultsStore, config_hash, write_manifest
 from edm_lab.track.tracking import (configuration_group, finish_run, log_model_files, make_logger, read_records,
                                    record_run, run_config)
+from edm_lab.nets.fast import set_tf32
 from edm_lab.train.module import DiffusionModule
 from edm_lab.train.progress import KimgProgressBar
 
@@ -142,6 +143,7 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
             check_resume_checkpoint(resume)  # weights-only, before anything is built or logged
         except ValueError as exc:
             raise ConfigError(f"task.resume={resume}: {exc}") from None
+    set_tf32(bool(cfg.fast.tf32))  # TF32 matmuls and convolutions on CUDA (the fast path's only training switch)
     axes = {name: instantiate(cfg[name]) for name in AXES}
     loss = DenoisingLoss(instantiate(cfg.noise), instantiate(cfg.weighting))
     augment_pipe = instantiate(cfg.augment) if cfg.get("augment") else None
@@ -252,6 +254,8 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     identity["task"] = {k: v for k, v in identity["task"].items() if k not in UNHASHED_TASK_KEYS}
     identity["seed"] = cfg.seed
     identity["precision"] = str(cfg.trainer.get("precision", "32-true"))  # Lightning's default
+    if cfg.get("fast") is not None and cfg.fast.tf32:  # TF32 products: other numbers (absent when off: older hashes)
+        identity["tf32"] = True
     return identity
 
 
