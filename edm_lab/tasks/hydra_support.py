@@ -83,7 +83,7 @@ def _group_options(group: str) -> list[str]:
 
 
 def _top_level_keys() -> list[tuple[str, str, str]]:
-    """(key, default, comment) of conf/config.yaml's own keys, the nested limits.* included."""
+    """(key, default, comment) of conf/config.yaml's own keys, nested ones (limits.*, fast.*) by their path."""
     out, parent = [], None
     for line in (config_dir() / "config.yaml").read_text().splitlines():
         stripped = line.strip()
@@ -93,11 +93,11 @@ def _top_level_keys() -> list[tuple[str, str, str]]:
         key, rest = stripped.split(":", 1)
         value, _, comment = rest.partition("#")
         if indent == 0:
-            parent = key if not value.strip() else None
+            parent = key if not value.strip() and key not in ("defaults", "hydra") else None
             if key in ("defaults", "hydra") or parent:
                 continue
             out.append((key, value.strip(), comment.strip()))
-        elif parent == "limits" and indent == 2:
+        elif parent is not None and indent == 2:
             out.append((f"{parent}.{key}", value.strip(), comment.strip()))
     return out
 
