@@ -280,3 +280,28 @@ def test_a_requeued_job_resumes_from_its_own_last_checkpoint(tmp_path):
     losses = logged_losses(run_dir)  # one CSV log per part, in the same folder
     steps = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("snapshot-*.ckpt"))
     assert steps == [1, 2, 3, 4] and losses
+
+
+def test_training_on_the_fast_path_is_its_own_run(tmp_path):
+    """`fast.channels_last=true`: the trained network's weights go NHWC, the run gets its own hash, the saved
+    EMA network loads as any other."""
+    train(tmp_path, "plain", "task.duration_kimg=0.064", "task.snapshot_kimg=0.064", "task.eval_kimg=0.064",
+                         f"paths.results_dir={tmp_path}/plain-results")
+    result, _ = train(tmp_path, "fast", "task.duration_kimg=0.064", "task.snapshot_kimg=0.064", "task.eval_kimg=0.064",
+                      "fast.channels_last=true", f"paths.results_dir={tmp_path}/fast-results")
+    plain, fast = (sorted(evaluations(tmp_path / f"{name}-results"), key=lambda r: r["kimg"]) for name in ("plain", "fast"))
+    assert plain[0]["run_hash"] != fast[0]["run_hash"] and [r["kimg"] for r in plain] == [r["kimg"] for r in fast]
+    assert fast[-1]["fd_raw"] == pytest.approx(plain[-1]["fd_raw"], rel=1e-3)  # float rounding apart
+    assert load_checkpoint(result["network"]) is not None
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """`fast.compile=true` compiles the trained network in place (forward and backward): the losses follow the
+    eager run's to float rounding, and the checkpoint's keys are the eager module's."""
+    _, eager_dir = train(tmp_path, "eager", "task.duration_kimg=0.064", "task.snapshot_kimg=0.064", "task.eval_kimg=0")
+    _, compiled_dir = train(tmp_path, "compiled", "task.duration_kimg=0.064", "task.snapshot_kimg=0.064",
+                            "task.eval_kimg=0", "fast.compile=true")
+    assert logged_losses(compiled_dir) == pytest.approx(logged_losses(eager_dir), rel=1e-4)
+    keys = torch.load(compiled_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].keys()
+    assert not any("_orig_mod" in k for k in keys)

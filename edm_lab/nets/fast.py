@@ -1,4 +1,4 @@
-"""The network's fast path for sampling: compiled, channels-last, TF32 (the `fast` config node).
+"""The network's fast path, for sampling and training: compiled, channels-last, TF32 (the `fast` config node).
 
 Each switch changes how the same network is computed, never what it computes: outputs move by float
 rounding (compile reorders and fuses operations), or by TF32's 10-bit mantissa in fp32 matrix products on
@@ -51,7 +51,17 @@ def accelerate(denoiser: nn.Module, fast: FastPath) -> nn.Module:
         model.to(memory_format=torch.channels_last)
         denoiser.memory_format = torch.channels_last  # the preconditioner hands the network NHWC inputs
     if fast.compile:
-        # The compiled wrapper shares the eager module's weights; its state_dict keys gain `_orig_mod.`, which
-        # no checkpoint sees: only sampling takes this path, and it never saves the network.
-        denoiser.model = torch.compile(model, dynamic=False, mode=fast.mode)
+        compile_module(model, fast.mode)
     return denoiser
+
+
+def compile_module(module: nn.Module, mode: str = "default") -> nn.Module:
+    """Compile `module` in place (`nn.Module.compile`): calls go through the compiled graph, while its
+    parameters, state_dict keys and checkpoints stay those of the eager module."""
+    # Random ops (dropout) inside a compiled graph would draw from inductor's own generator: the run would no
+    # longer follow its seed as the eager one does. Falling back to torch's generator keeps the seed protocol.
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    module.compile(dynamic=False, mode=mode)
+    return module

@@ -39,7 +39,7 @@ from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.store import ResultsStore, config_hash, write_manifest
 from edm_lab.track.tracking import (configuration_group, finish_run, log_model_files, make_logger, read_records,
                                    record_run, run_config)
-from edm_lab.nets.fast import set_tf32
+from edm_lab.nets.fast import FastPath, accelerate
 from edm_lab.train.module import DiffusionModule
 from edm_lab.train.progress import KimgProgressBar
 
@@ -143,7 +143,6 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
             check_resume_checkpoint(resume)  # weights-only, before anything is built or logged
         except ValueError as exc:
             raise ConfigError(f"task.resume={resume}: {exc}") from None
-    set_tf32(bool(cfg.fast.tf32))  # TF32 matmuls and convolutions on CUDA (the fast path's only training switch)
     axes = {name: instantiate(cfg[name]) for name in AXES}
     loss = DenoisingLoss(instantiate(cfg.noise), instantiate(cfg.weighting))
     augment_pipe = instantiate(cfg.augment) if cfg.get("augment") else None
@@ -156,6 +155,9 @@ def run_train(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "local",
                              betas=tuple(t.betas), eps=t.eps, lr_rampup_kimg=t.lr_rampup_kimg,
                              ema_halflife_kimg=t.ema_halflife_kimg, ema_rampup_ratio=t.ema_rampup_ratio,
                              loss_scaling=t.loss_scaling, seed=cfg.seed)
+    # The fast path (TF32, channels_last, compile in place) for the network being trained; the EMA copy that
+    # evaluations sample stays eager.
+    accelerate(module.net, FastPath(**cfg.fast))
 
     steps = math.ceil(t.duration_kimg * 1000 / t.batch_size)  # optimizer steps (Lightning's global_step)
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="snapshot-{step:07d}", save_top_k=-1,
@@ -254,8 +256,8 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     identity["task"] = {k: v for k, v in identity["task"].items() if k not in UNHASHED_TASK_KEYS}
     identity["seed"] = cfg.seed
     identity["precision"] = str(cfg.trainer.get("precision", "32-true"))  # Lightning's default
-    if cfg.get("fast") is not None and cfg.fast.tf32:  # TF32 products: other numbers (absent when off: older hashes)
-        identity["tf32"] = True
+    if cfg.get("fast") is not None and FastPath(**cfg.fast).enabled:  # other numbers (absent when off: older hashes)
+        identity["fast"] = OmegaConf.to_container(cfg.fast, resolve=True)
     return identity
 
 
