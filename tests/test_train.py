@@ -239,7 +239,7 @@ def test_a_seed_reproduces_training_exactly(tmp_path):
 def test_a_resumed_run_continues_its_folder_and_wandb_run_and_stores_artifacts(tmp_path):
     """`task.resume=<folder>/checkpoints/last.ckpt` through run.py: the same output folder (the first config kept),
     the same W&B run id, kimg-based curves that continue; with `logger.artifacts=true`, model artifacts."""
-    from tests.wandb_records import records, summarize
+    from tests.wandb_records import finished_records, summarize
 
     common = [a for a in TINY if not a.startswith(("logger=", "trainer.enable_progress_bar"))] + [
         "logger=wandb", "logger.artifacts=true", "task.snapshot_kimg=0.064", "task.eval_kimg=0.064"]
@@ -266,7 +266,7 @@ def test_a_resumed_run_continues_its_folder_and_wandb_run_and_stores_artifacts(t
     kimgs = sorted(r["kimg"] for r in evaluations(tmp_path / "results"))
     assert len(json.loads((folder / "rows.json").read_text())) >= len(kimgs) == 3
     assert "report:" in proc.stdout and "W&B: 1 offline run" in proc.stdout
-    artifacts = [r.artifact for p in parts for r in records(p) if r.WhichOneof("record_type") == "artifact"]
+    artifacts = [r.artifact for p in parts for r in finished_records(p) if r.WhichOneof("record_type") == "artifact"]
     assert {a.type for a in artifacts} == {"model"}
     assert sorted(a.name.split("-")[0] for a in artifacts) == ["checkpoint", "checkpoint", "network", "network"]
 

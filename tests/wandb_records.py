@@ -43,10 +43,23 @@ def records(path: str | Path) -> Iterator[wandb_internal_pb2.Record]:
         yield record
 
 
+def finished_records(path: str | Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The run file's records once W&B has written its closing `exit` record: `run.finish()` can return
+    (offline, silent) before W&B's service has flushed the file, which a reader must wait for."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def summarize(path: str | Path) -> dict:
-    """History rows, metric definitions, run group/name and config keys of one run file."""
+    """History rows, metric definitions, run group/name and config keys of one finished run file."""
     out = {"history": [], "metrics": {}, "group": None, "name": None, "config": {}}
-    for rec in records(path):
+    for rec in finished_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
