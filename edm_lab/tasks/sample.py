@@ -152,6 +152,8 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     tracker = CurveTracker(logger, [metric, "sampler_rmse"], run_config(cfg, choices, identity))
     export = _export_root(cfg, identity, main)
     progress = trainer.progress_bar_callback if isinstance(trainer.progress_bar_callback, SamplingProgress) else None
+    if progress is not None and not main:
+        progress.draw = False  # one bar per job: rank 0's
     if progress is not None:
         progress.plan(float(cfg.num_samples) * sum(schema.nfe_estimate(cfg, n) for n, _ in todo))
     references: dict[tuple[float, int], torch.Tensor] = {}
