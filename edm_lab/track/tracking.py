@@ -50,14 +50,14 @@ def configuration_group(label: str, config_hash: str) -> str:
 def run_config(cfg: DictConfig, choices: Mapping[str, str], identity: Mapping[str, Any]) -> dict[str, Any]:
     """The tracker run's config: every group's choice by name, the row identity, and the resolved config."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {**{k: v for k, v in choices.items()}, **identity, "resolved": resolved}
+    return {**choices, **identity, "resolved": resolved}
 
 
 def make_logger(logger_cfg: DictConfig | None, *, name: str, group: str, job_type: str, sweep: str,
                 run_id: str | None = None) -> Logger | None:
     """The configured Lightning logger for one job (None for `logger=null`).
 
-    A W&B run is silent (W&B speaks only on errors), named `name`, grouped by `group`, typed by the
+    A W&B run prints nothing (its failures raise), is named `name`, grouped by `group`, typed by the
     task and tagged with the sweep; `run_id` continues an earlier run (a resumed training run).
     """
     if logger_cfg is None:
