@@ -184,3 +184,13 @@ def test_the_fast_path_is_its_own_configuration(tmp_path):
     assert eager[0]["config_hash"] != fast[0]["config_hash"]
     assert "fast.channels_last=true" in fast[0]["label"] and "fast" not in eager[0]["label"]
     assert fast[0]["fd_raw"] == pytest.approx(eager[0]["fd_raw"], rel=1e-4)
+
+
+def test_only_a_non_default_computation_enters_the_hashes(tmp_path):
+    """The defaults add nothing (rows stored before these keys existed keep their hash); each switch adds itself."""
+    from edm_lab.tasks.sample import computation
+
+    assert computation(compose_cfg(tmp_path, *TINY)) == {}
+    extra = computation(compose_cfg(tmp_path, *TINY, "seed_noise=counter", "fast.tf32=true"))
+    assert extra == {"seed_noise": "counter",
+                     "fast": {"compile": False, "mode": "default", "channels_last": False, "tf32": True}}

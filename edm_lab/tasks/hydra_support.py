@@ -146,9 +146,9 @@ def output_subdir(resume: str | None = None) -> str:
 
 
 def register_resolvers() -> None:
-    """`${sweep_id:}`, `${unique_dir:...}`, `${run_dir:...}`, `${output_subdir:...}`, `${sweeps_root:}` and
-    `${help_body:...}` (the `--help` text)."""
-    for name, fn in (("sweep_id", sweep_id), ("sweeps_root", sweeps_root), ("help_body", help_body)):
+    """`${unique_dir:...}`, `${run_dir:...}`, `${output_subdir:...}`, `${sweeps_root:}` and `${help_body:...}`
+    (the `--help` text)."""
+    for name, fn in (("sweeps_root", sweeps_root), ("help_body", help_body)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     for name, fn in (("unique_dir", unique_dir), ("run_dir", run_dir), ("output_subdir", output_subdir)):

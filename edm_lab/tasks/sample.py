@@ -252,6 +252,18 @@ def _metric_identity(metric: dict[str, Any]) -> dict[str, Any]:
     return metric
 
 
+def computation(cfg: DictConfig) -> dict[str, Any]:
+    """How the numbers are computed beyond the design axes, where it is not the default (so that rows of the
+    default keep their hash): the per-seed noise source and the network's fast path. Part of every hash
+    of computed numbers: rows, reference solutions, training runs and their evaluations."""
+    out: dict[str, Any] = {}
+    if cfg.seed_noise != "generators":
+        out["seed_noise"] = str(cfg.seed_noise)
+    if FastPath(**cfg.fast).enabled:
+        out["fast"] = OmegaConf.to_container(cfg.fast, resolve=True)
+    return out
+
+
 def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str], axes: Mapping[str, Any],
              sweep: str, project_root: Path, provenance: Mapping[str, Any]) -> dict[str, Any]:
     """The columns every row of this job shares: config hash, label, axis values, provenance.
@@ -263,17 +275,13 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
     hashed = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
               for k in HASHED}
     hashed["metric"] = _metric_identity(hashed["metric"])
-    # Other noise, or another way to compute the network, other numbers; absent by default, so that older rows
-    # keep their hash.
-    if cfg.seed_noise != "generators":
-        hashed["seed_noise"] = cfg.seed_noise
-    if FastPath(**cfg.fast).enabled:
-        hashed["fast"] = OmegaConf.to_container(cfg.fast, resolve=True)
+    extra = computation(cfg)
+    hashed.update(extra)
     hashed["provenance"] = provenance  # a checkpoint is identified by its content, not its path
     params = [o for o in overrides if "." in o.split("=")[0] and not o.startswith(UNHASHED_PREFIXES)]
-    if cfg.seed_noise != "generators":
-        params.append(f"seed_noise={cfg.seed_noise}")
-    params += [p for p in (f"fast.{k}=true" for k, v in cfg.fast.items() if v is True) if p not in params]
+    words = [f"seed_noise={extra['seed_noise']}"] if "seed_noise" in extra else []
+    words += [f"fast.{k}=true" for k, v in extra.get("fast", {}).items() if v is True]
+    params += [w for w in words if w not in params]
     return {
         "config_hash": config_hash(hashed), "label": make_label(choices, params, provenance), "sweep": sweep,
         **{k: choices.get(k) for k in ("data", "model", "precond", *AXES, "metric")},
@@ -341,8 +349,7 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
                        "provenance": getattr(net, "provenance", {}),
                        "precond": OmegaConf.to_container(cfg.precond, resolve=True),
                        "sigma_start": repr(sigma_start), "steps": cfg.metric.reference_steps,
-                       **({"seed_noise": cfg.seed_noise} if cfg.seed_noise != "generators" else {}),
-                       **({"fast": OmegaConf.to_container(cfg.fast)} if FastPath(**cfg.fast).enabled else {}),
+                       **computation(cfg),
                        "seed": first_seed, "num_samples": cfg.num_samples})
 
     def compute() -> torch.Tensor:

@@ -33,7 +33,7 @@ from edm_lab.design.sampler import sample
 from edm_lab.evaluate.sampling import SamplingModule, frechet_from_features, point_nfe
 from edm_lab.nets.denoisers import network_denoiser
 from edm_lab.tasks import schema
-from edm_lab.tasks.sample import AXES, build_frechet, git_commit
+from edm_lab.tasks.sample import AXES, build_frechet, computation, git_commit
 from edm_lab.tasks.hydra_support import PROJECT_ROOT
 from edm_lab.tasks.schema import ConfigError
 from edm_lab.track.store import ResultsStore, config_hash, write_manifest
@@ -256,8 +256,9 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     identity["task"] = {k: v for k, v in identity["task"].items() if k not in UNHASHED_TASK_KEYS}
     identity["seed"] = cfg.seed
     identity["precision"] = str(cfg.trainer.get("precision", "32-true"))  # Lightning's default
-    if cfg.get("fast") is not None and FastPath(**cfg.fast).enabled:  # other numbers (absent when off: older hashes)
-        identity["fast"] = OmegaConf.to_container(cfg.fast, resolve=True)
+    fast = computation(cfg).get("fast")  # the trained network's fast path (absent when off: older hashes)
+    if fast is not None:
+        identity["fast"] = fast
     return identity
 
 
@@ -288,8 +289,7 @@ def _evaluator(cfg: DictConfig, choices: Mapping[str, str], dataset, axes, sweep
     run_hash = config_hash(run)  # one training run: the report draws its metric against kimg
     # A row is one evaluation: of this run's network at kimg, with this sampler and sample count.
     evaluation = {**run, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in AXES},
-                  "num_samples": cfg.num_samples,
-                  **({"seed_noise": cfg.seed_noise} if cfg.seed_noise != "generators" else {})}
+                  "num_samples": cfg.num_samples, **computation(cfg)}
     label = run_label(choices)
     commit = git_commit(project_root)
     first, end = int(cfg.seed), int(cfg.seed) + int(cfg.num_samples)
