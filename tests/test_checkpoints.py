@@ -111,7 +111,7 @@ def test_tensors_must_match_the_network(tmp_path):
 
 
 TINY = ["data.limit=128", "metric=raw", "nfe.steps=[2,3]", "num_samples=16", "batch_size=8",
-        "metric.reference_steps=8", "logger=csv", "trainer.enable_progress_bar=false"]
+        "metric.reference_solver=heun", "metric.reference_steps=8", "logger=csv", "trainer.enable_progress_bar=false"]
 
 
 def test_checkpoint_model_samples_and_rows_name_the_checkpoint(tmp_path):

@@ -21,7 +21,7 @@ from edm_lab.track.store import ResultsStore
 from tests.conftest import PROJECT_ROOT
 from tests.test_configs import compose_cfg
 
-TINY = ["nfe.steps=[4]", "num_samples=64", "metric.reference_steps=16", "logger=csv",
+TINY = ["nfe.steps=[4]", "num_samples=64", "metric.reference_solver=heun", "metric.reference_steps=16", "logger=csv",
         "trainer.enable_progress_bar=false"]
 CLASSIFIER = ["metric=classifier", "+metric.extractor.epochs=2"]  # a real network extractor, trained quickly
 CHOICES = {"data": "digits", "model": "ideal", "precond": "edm", "schedule": "edm", "scaling": "none",

@@ -17,7 +17,7 @@ from tests.conftest import PROJECT_ROOT
 from tests.wandb_records import summarize
 
 TINY = ["data=toy2d", "data.num_samples=256", "metric=raw", "nfe.steps=[2,4]", "num_samples=64", "batch_size=32",
-        "metric.reference_steps=32"]
+        "metric.reference_solver=heun", "metric.reference_steps=32"]
 
 
 def run_cli(tmp_path: Path, *args: str, env: dict | None = None, sweep: str = "multirun") -> subprocess.CompletedProcess:

@@ -74,3 +74,24 @@ def test_compiled_network_gives_the_eager_outputs(name, precond):
     fast = outputs(compiled)
     # Measured on CPU: at most 2.3e-10 apart (inductor reorders and fuses float32 operations).
     assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-5), float((fast - eager).abs().max())
+
+
+def test_eager_runs_a_compiled_network_uncompiled_inside_the_block_only():
+    """RK45's reference solution hands the network ever new batch shapes: inside `eager` no call compiles."""
+    from edm_lab.nets.fast import eager
+
+    net = accelerate(denoiser("ddpmpp_small"), FastPath(compile=True))
+    compiled = net.model._compiled_call_impl
+    assert compiled is not None
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with eager(net):
+        assert net.model._compiled_call_impl is None
+        inside = outputs(net)
+    assert net.model._compiled_call_impl is compiled
+    assert not counters["stats"]["calls_captured"] and not counters["frames"]["ok"]
+    assert torch.equal(inside, outputs(denoiser("ddpmpp_small")))
+    plain = denoiser("ddpmpp_small")
+    with eager(plain) as same:  # nothing compiled: nothing to do
+        assert same is plain

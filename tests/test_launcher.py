@@ -26,7 +26,7 @@ PRESETS = sorted(p.stem for p in LAUNCHERS.glob("*.yaml"))
 PLUGIN = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
 # The cheapest settings of the other end-to-end tests: the ideal denoiser of a 2-D toy set, raw features.
 TINY = ["data=toy2d", "data.num_samples=128", "metric=raw", "nfe.steps=[2,3]", "num_samples=16", "batch_size=16",
-        "metric.reference_steps=8", "logger=csv", "trainer.enable_progress_bar=false"]
+        "metric.reference_solver=heun", "metric.reference_steps=8", "logger=csv", "trainer.enable_progress_bar=false"]
 
 
 def launcher_node(tmp_path: Path, *overrides: str):

@@ -880,7 +880,7 @@ def test_official_snapshot_samples_through_the_sample_task(reference, tmp_path):
     path = reference.dump(reference.snapshot(_golden_tree(reference, case), loss_fn=reference.nets.EDMLoss()),
                           tmp_path / "edm-digits-8x8-uncond-ddpmpp.pkl")
     cfg = compose_cfg(tmp_path, "model=official", f"model.path={path}", "data.limit=128", "metric=raw",
-                      "nfe.steps=[2,4]", "num_samples=16", "batch_size=8", "metric.reference_steps=8", "logger=csv",
+                      "nfe.steps=[2,4]", "num_samples=16", "batch_size=8", "metric.reference_solver=heun", "metric.reference_steps=8", "logger=csv",
                       "trainer.enable_progress_bar=false")
     rows = run_sample(cfg, {"data": "digits", "model": "official", "precond": "vp"})
     assert [r["nfe"] for r in rows] == [3, 7]

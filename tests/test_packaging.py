@@ -19,7 +19,7 @@ from edm_lab.track.store import ResultsStore
 from tests.conftest import PROJECT_ROOT
 
 TINY = ["data=toy2d", "data.num_samples=128", "metric=raw", "nfe.steps=[2]", "num_samples=16", "batch_size=16",
-        "metric.reference_steps=8", "logger=csv"]
+        "metric.reference_solver=heun", "metric.reference_steps=8", "logger=csv"]
 
 
 def test_the_package_list_names_every_package_folder():

@@ -13,7 +13,7 @@ from edm_lab.track.store import ResultsStore
 from tests.test_configs import compose_cfg
 
 TINY = ["data=toy2d", "data.num_samples=128", "metric=raw", "nfe.steps=[2,3,5]", "num_samples=32",
-        "batch_size=16", "metric.reference_steps=16", "logger=csv", "trainer.enable_progress_bar=false"]
+        "batch_size=16", "metric.reference_solver=heun", "metric.reference_steps=16", "logger=csv", "trainer.enable_progress_bar=false"]
 CHOICES = {"data": "toy2d", "model": "ideal", "precond": "edm", "schedule": "edm", "scaling": "none",
            "discretization": "edm", "solver": "heun", "churn": "none", "metric": "raw"}
 
@@ -176,7 +176,7 @@ def test_counter_seed_noise_is_its_own_configuration_and_keeps_the_seed_protocol
 def test_the_fast_path_is_its_own_configuration(tmp_path):
     """`fast.channels_last=true` on a network: its own config hash and label; the metric moves by float rounding."""
     network = ["model=network", "net=ddpmpp_small", "data=digits", "data.limit=64", "metric=raw", "nfe.steps=[3]",
-               "num_samples=16", "batch_size=16", "metric.reference_steps=4", "logger=csv",
+               "num_samples=16", "batch_size=16", "metric.reference_solver=heun", "metric.reference_steps=4", "logger=csv",
                "trainer.enable_progress_bar=false"]
     choices = {**CHOICES, "data": "digits", "model": "network", "net": "ddpmpp_small"}
     eager = run_sample(compose_cfg(tmp_path / "a", *network), choices)
@@ -194,3 +194,24 @@ def test_only_a_non_default_computation_enters_the_hashes(tmp_path):
     extra = computation(compose_cfg(tmp_path, *TINY, "seed_noise=counter", "fast.tf32=true"))
     assert extra == {"seed_noise": "counter",
                      "fast": {"compile": False, "mode": "default", "channels_last": False, "tf32": True}}
+
+
+def test_the_rk45_reference_solution_matches_heun_s_and_heun_rows_keep_their_hash(tmp_path):
+    """The default reference (RK45, tolerance 1e-5) and 256 Heun steps solve the same ODE: on toy2d's ideal
+    denoiser their sampler_rmse columns agree far below the errors they measure; Heun's rows keep the hash
+    they had before the option existed (no reference_solver / reference_tolerance in it)."""
+    from edm_lab.tasks.sample import _metric_identity
+
+    base = [o for o in TINY if not o.startswith("metric.reference")]
+    heun = run_sample(compose_cfg(tmp_path, *base, "metric.reference_solver=heun", "metric.reference_steps=256"),
+                      CHOICES)
+    rk45 = run_sample(compose_cfg(tmp_path, *base), CHOICES)
+    assert len(list((tmp_path / ".cache" / "references").glob("*.pt"))) == 2
+    for a, b in zip(heun, rk45):
+        assert a["config_hash"] != b["config_hash"]
+        assert abs(a["sampler_rmse"] - b["sampler_rmse"]) < 1e-4 * a["sampler_rmse"] + 1e-6
+    heun_metric = {"name": "fd_raw", "sampler_error": True, "reference_solver": "heun", "reference_tolerance": 1e-5,
+                   "reference_steps": 256}
+    assert _metric_identity(heun_metric) == {"name": "fd_raw", "sampler_error": True, "reference_steps": 256}
+    assert _metric_identity({**heun_metric, "reference_solver": "rk45"}) == {
+        "name": "fd_raw", "sampler_error": True, "reference_solver": "rk45", "reference_tolerance": 1e-5}

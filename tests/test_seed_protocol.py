@@ -22,11 +22,11 @@ from edm_lab.track.tracking import CurveTracker
 from tests.test_configs import compose_cfg
 
 TINY = ["data=toy2d", "data.num_samples=128", "metric=raw", "nfe.steps=[2,3]", "num_samples=32",
-        "batch_size=16", "metric.reference_steps=16", "logger=csv", "trainer.enable_progress_bar=false"]
+        "batch_size=16", "metric.reference_solver=heun", "metric.reference_steps=16", "logger=csv", "trainer.enable_progress_bar=false"]
 CHOICES = {"data": "toy2d", "model": "ideal", "precond": "edm", "schedule": "edm", "scaling": "none",
            "discretization": "edm", "solver": "heun", "churn": "none", "metric": "raw"}
 DIGITS = ["data.limit=128", "metric=raw", "nfe.steps=[4]", "num_samples=40", "batch_size=16",
-          "metric.reference_steps=8", "logger=csv", "trainer.enable_progress_bar=false"]
+          "metric.reference_solver=heun", "metric.reference_steps=8", "logger=csv", "trainer.enable_progress_bar=false"]
 
 
 def test_repeats_are_rows_on_disjoint_seed_ranges(tmp_path):

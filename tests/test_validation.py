@@ -41,7 +41,9 @@ BAD_VALUES = [
     (["nfe.steps=[]"], "nfe.steps"),
     (["nfe.steps=[4,0]"], "nfe.steps"),
     (["force=maybe"], "force"),
-    (["metric.reference_steps=1"], "metric.reference_steps"),
+    (["metric.reference_solver=heun", "metric.reference_steps=1"], "metric.reference_steps"),
+    (["metric.reference_solver=rk4"], "metric.reference_solver"),
+    (["metric.reference_tolerance=0"], "metric.reference_tolerance"),
     (["solver=heun", "solver.alpha=0"], "solver.alpha"),
     (["discretization.sigma_min=10", "discretization.sigma_max=5"], "discretization.sigma_min"),
     (["schedule=vp", "schedule.epsilon_s=1"], "schedule.epsilon_s"),
@@ -188,8 +190,13 @@ def test_undeclared_numbers_must_still_be_finite(tmp_path):
 def test_workload_estimate(tmp_path):
     cfg = compose_cfg(tmp_path, "nfe.steps=[4,18]", "num_samples=1000", "repeats=3", "metric=raw")
     work = schema.workload(cfg)
-    # Heun: 2N - 1 per step count, plus the 256-step reference solution (511) per repeat.
-    assert work.evaluations == 3 * 1000 * ((7 + 35) + 511)
+    # Heun: 2N - 1 per step count, plus the reference solution per repeat: RK45's estimate at 1e-5 ...
+    assert work.evaluations == 3 * 1000 * ((7 + 35) + schema.RK45_REFERENCE_EVALUATIONS)
+    finer = compose_cfg(tmp_path, "nfe.steps=[4]", "num_samples=1000", "metric.reference_tolerance=1e-10")
+    assert schema.workload(finer).evaluations == pytest.approx(1000 * (7 + 10 * schema.RK45_REFERENCE_EVALUATIONS))
+    # ... or 256 Heun steps (511).
+    heun = compose_cfg(tmp_path, "nfe.steps=[4,18]", "num_samples=1000", "metric.reference_solver=heun")
+    assert schema.workload(heun).evaluations == 1000 * ((7 + 35) + 511)
     # digits 8x8 with raw features: features + reference + samples, float64, plus the step grid.
     assert work.memory_bytes == 8 * 1000 * (64 + 3 * 64) + schema.BYTES_PER_STEP * 18
     euler = compose_cfg(tmp_path, "solver=euler", "nfe.steps=[4,18]", "num_samples=1000", "metric.sampler_error=false")
@@ -199,7 +206,7 @@ def test_workload_estimate(tmp_path):
 
 
 def test_limits_are_overridable_on_purpose(tmp_path):
-    big = ["num_samples=20000000", "metric=raw"]
+    big = ["num_samples=30000000", "metric=raw"]
     with pytest.raises(ConfigError, match="limits.max_evaluations"):
         schema.check(compose_cfg(tmp_path, *big))
     schema.check(compose_cfg(tmp_path, *big, "limits.max_evaluations=1e13", "limits.memory_gb=1000"))

@@ -24,7 +24,7 @@ from edm_lab.design.discretizations import EDMDiscretization
 from edm_lab.design.noise import CounterNoise
 from edm_lab.design.sampler import PerSampleNoise, SampleResult, noise_levels, sample
 from edm_lab.design.schedules import LinearSchedule, NoScaling
-from edm_lab.design.solvers import SecondOrder
+from edm_lab.design.solvers import RK45, SecondOrder
 from edm_lab.evaluate.features import FlattenFeatures, FrechetDistance
 
 Sampler = Callable[..., SampleResult]
@@ -308,15 +308,19 @@ def start_sigma(net: nn.Module, num_steps: int, discretization) -> float:
     return float(noise_levels(net, num_steps, discretization)[0][0])
 
 
-def reference_sampler(sigma_start: float, num_steps: int = 512, sigma_min: float = 0.002) -> Sampler:
-    """A high-accuracy solver of the same ODE: Heun, EDM discretization, many steps, from sigma_start.
+def reference_sampler(sigma_start: float, num_steps: int = 256, tolerance: float | None = None,
+                      sigma_min: float = 0.002) -> Sampler:
+    """A high-accuracy solver of the same ODE from sigma_start to sigma_min (then Euler to 0, as every ODE
+    solver ends): adaptive RK45 with rtol = atol = `tolerance`, or, with `tolerance=None`, Heun with
+    `num_steps` steps of the EDM discretization.
 
     The ODE's solution map, seen in x/s against sigma, is the same for every schedule and
     scaling (paper, Section 3), so one reference serves every sampler that starts at sigma_start.
     """
     disc = EDMDiscretization(sigma_min=min(sigma_min, sigma_start / 2), sigma_max=sigma_start)
-    return functools.partial(sample, num_steps=num_steps, schedule=LinearSchedule(), scaling=NoScaling(),
-                             discretization=disc, solver=SecondOrder(alpha=1.0), churn=Churn())
+    solver, steps = (SecondOrder(alpha=1.0), num_steps) if tolerance is None else (RK45(tolerance, tolerance), 2)
+    return functools.partial(sample, num_steps=steps, schedule=LinearSchedule(), scaling=NoScaling(),
+                             discretization=disc, solver=solver, churn=Churn())
 
 
 def rms_error(samples: Tensor, reference: Tensor) -> float:

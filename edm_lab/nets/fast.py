@@ -9,7 +9,9 @@ with any of them on are their own configuration (the config hash includes `fast`
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -65,3 +67,23 @@ def compile_module(module: nn.Module, mode: str = "default") -> nn.Module:
     inductor_config.fallback_random = True
     module.compile(dynamic=False, mode=mode)
     return module
+
+
+@contextlib.contextmanager
+def eager(denoiser: nn.Module) -> Iterator[nn.Module]:
+    """Run `denoiser`'s compiled inner network eagerly inside the block.
+
+    For callers whose batch shapes change from call to call (an adaptive solver's per-sample steps), where
+    fixed-shape compilation would recompile at each new shape. Uses `nn.Module.compile`'s attribute; a
+    module compiled otherwise (or a later torch without it) stays as it is.
+    """
+    model = getattr(denoiser, "model", None)
+    compiled = getattr(model, "_compiled_call_impl", None)
+    if compiled is None:
+        yield denoiser
+        return
+    model._compiled_call_impl = None
+    try:
+        yield denoiser
+    finally:
+        model._compiled_call_impl = compiled

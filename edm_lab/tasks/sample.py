@@ -34,7 +34,7 @@ from edm_lab.design.sampler import sample, stochastic
 from edm_lab.evaluate import reference as ref
 from edm_lab.evaluate.features import FrechetDistance
 from edm_lab.evaluate.progress import SamplingProgress
-from edm_lab.nets.fast import FastPath, accelerate
+from edm_lab.nets.fast import FastPath, accelerate, eager
 from edm_lab.evaluate.sampling import (
     SamplingModule,
     frechet_from_features,
@@ -201,9 +201,17 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     return rows
 
 
-def reference_cost(cfg: DictConfig) -> int:
-    """Denoiser evaluations of one sample's reference solution (Heun: 2N - 1)."""
-    return 2 * int(cfg.metric.reference_steps) - 1
+def reference_cost(cfg: DictConfig) -> float:
+    """Denoiser evaluations of one sample's reference solution: Heun's 2N - 1, or RK45's planning estimate
+    (`schema.reference_evaluations`)."""
+    return schema.reference_evaluations(cfg)
+
+
+def reference_method(cfg: DictConfig) -> str:
+    """How the reference solution is computed, in words: "RK45, tolerance 1e-06" or "256 Heun steps"."""
+    if cfg.metric.get("reference_solver", "heun") == "rk45":
+        return f"RK45, tolerance {float(cfg.metric.reference_tolerance):g}"
+    return f"{int(cfg.metric.reference_steps)} Heun steps"
 
 
 def _export_root(cfg: DictConfig, identity: Mapping[str, Any], main: bool) -> Path | None:
@@ -244,6 +252,12 @@ def _metric_identity(metric: dict[str, Any]) -> dict[str, Any]:
     came from; a reference statistics file by its content (and absent when unset, so rows stored before
     the option existed keep their hash)."""
     metric = {k: v for k, v in metric.items() if k != "batch_size"}
+    # Only the keys of the reference solver in use; Heun's rows keep the hash they had before RK45 was an option.
+    if metric.pop("reference_solver", "heun") == "rk45":
+        metric["reference_solver"] = "rk45"
+        metric.pop("reference_steps", None)
+    else:
+        metric.pop("reference_tolerance", None)
     if isinstance(metric.get("extractor"), dict):
         metric["extractor"] = ref.feature_options(metric["extractor"])  # what keys the cached statistics too
     reference = metric.pop("reference", None)
@@ -344,23 +358,28 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
     """The same ODE solved with many Heun steps from the same seeds, cached across jobs."""
     # The model's provenance carries a checkpoint's content hash: a file replaced at the same path
     # must not reuse the old network's solution.
+    tolerance = float(cfg.metric.reference_tolerance) if cfg.metric.get("reference_solver", "heun") == "rk45" else None
+    method = {"steps": cfg.metric.reference_steps} if tolerance is None else {"rk45_tolerance": repr(tolerance)}
     key = config_hash({"data": OmegaConf.to_container(cfg.data, resolve=True), "fingerprint": dataset.fingerprint,
                        "model": OmegaConf.to_container(cfg.model, resolve=True),
                        "provenance": getattr(net, "provenance", {}),
                        "precond": OmegaConf.to_container(cfg.precond, resolve=True),
-                       "sigma_start": repr(sigma_start), "steps": cfg.metric.reference_steps,
+                       "sigma_start": repr(sigma_start), **method,
                        **computation(cfg),
                        "seed": first_seed, "num_samples": cfg.num_samples})
 
     def compute() -> torch.Tensor:
-        log.debug("reference solution: %d Heun steps from sigma=%.4g, seeds from %d", cfg.metric.reference_steps,
-                  sigma_start, first_seed)
+        log.debug("reference solution: %s from sigma=%.4g, seeds from %d", reference_method(cfg), sigma_start,
+                  first_seed)
         if progress is not None:  # planned only now: a cached solution costs nothing
             progress.plan(float(cfg.num_samples) * reference_cost(cfg))
-            progress.begin(f"reference solution ({cfg.metric.reference_steps} Heun steps)", reference_cost(cfg))
-        module = SamplingModule(net, dataset.sample_shape, reference_sampler(sigma_start, cfg.metric.reference_steps),
-                                first_seed, noise=cfg.seed_noise)  # the points' latents
-        return generate(trainer, module, cfg.num_samples, cfg.batch_size).samples
+            progress.begin(f"reference solution ({reference_method(cfg)})", reference_cost(cfg))
+        sampler = reference_sampler(sigma_start, int(cfg.metric.reference_steps), tolerance)
+        module = SamplingModule(net, dataset.sample_shape, sampler, first_seed, noise=cfg.seed_noise)  # the points' latents
+        # RK45's per-sample steps hand the network ever new batch shapes: compiled for fixed shapes, it
+        # would recompile at each. The reference is about accuracy, not speed.
+        with eager(net) if tolerance is not None else contextlib.nullcontext():
+            return generate(trainer, module, cfg.num_samples, cfg.batch_size).samples
 
     return shared_cache(trainer, Path(cfg.paths.cache_dir) / "references" / f"{key}.pt", compute)
 
