@@ -9,9 +9,10 @@ One script for the GPU check of issue 12: on an H100/H200 the second line prints
 measured figures, and the shift of a Frechet distance (raw features) between eager fp32 and each fast
 variant on the same seeds. Timings: bench/timing.py (torch.utils.benchmark, warm-up excluded).
 
-Variants: eager fp32 (the golden-vector path); `channels_last`; `compile` (+ channels_last); `bf16`
-(the network in bf16 through `precond.precision`, CUDA only) with compile; TF32 on CUDA for the fp32
-ones. Training: one optimizer step of the EDM loss with Adam, eager fp32 vs TF32 + fused Adam (CUDA) and
+Variants: eager fp32 (the golden-vector path); `channels_last`; `compile` (+ channels_last); `bf16
+autocast` (+ channels_last; `trainer.precision=bf16-mixed`: the network's products in bf16, the sampler's
+state float64); on CUDA also `compile bf16` (the network cast to bf16 through `precond.precision`, as the
+reference's fp16) and `compile autocast`; TF32 on CUDA for the fp32 ones. Training: one optimizer step of the EDM loss with Adam, eager fp32 vs TF32 + fused Adam (CUDA) and
 bf16 autocast (Lightning's `bf16-mixed`) on CUDA.
 """
 from __future__ import annotations
@@ -49,14 +50,16 @@ def build(args, precision: str = "fp32"):
     return build_denoiser(spec).to(args.device)
 
 
-def variants(device: str) -> dict[str, tuple[str, FastPath]]:
-    """name -> (network precision, fast path)."""
+def variants(device: str) -> dict[str, tuple[str, FastPath, bool]]:
+    """name -> (network precision, fast path, bf16 autocast around sampling as `trainer.precision=bf16-mixed`)."""
     cuda = device.startswith("cuda")
-    out = {"eager fp32": ("fp32", FastPath()),
-           "channels_last": ("fp32", FastPath(channels_last=True, tf32=cuda)),
-           "compile": ("fp32", FastPath(compile=True, channels_last=True, tf32=cuda))}
+    out = {"eager fp32": ("fp32", FastPath(), False),
+           "channels_last": ("fp32", FastPath(channels_last=True, tf32=cuda), False),
+           "compile": ("fp32", FastPath(compile=True, channels_last=True, tf32=cuda), False),
+           "bf16 autocast": ("fp32", FastPath(channels_last=True, tf32=cuda), True)}
     if cuda:
-        out["compile bf16"] = ("bf16", FastPath(compile=True, channels_last=True, tf32=True))
+        out["compile bf16"] = ("bf16", FastPath(compile=True, channels_last=True, tf32=True), False)
+        out["compile autocast"] = ("fp32", FastPath(compile=True, channels_last=True, tf32=True), True)
     return out
 
 
@@ -67,11 +70,16 @@ def sampling(args) -> None:
     eager_samples, base = None, None
     print(f"\nsampling: Heun {args.steps} steps ({2 * args.steps - 1} NFE), batch {args.batch}, "
           f"{args.net} at {args.resolution}x{args.resolution}")
-    for name, (precision, fast) in variants(args.device).items():
+    for name, (precision, fast, autocast) in variants(args.device).items():
         net = accelerate(build(args, precision).eval(), fast)
+        device_type = args.device.split(":")[0]
+
+        def run(net=net, autocast=autocast):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+                return sample(net, latents, args.steps).x
+
         with torch.no_grad():
-            timing = measure(lambda: sample(net, latents, args.steps).x, args.device, warmup=args.warmup,
-                             max_time=args.max_time, label=name)
+            timing = measure(run, args.device, warmup=args.warmup, max_time=args.max_time, label=name)
         rate = args.batch / timing.median
         base = base or rate
         shift = ""

@@ -173,17 +173,44 @@ def test_counter_seed_noise_is_its_own_configuration_and_keeps_the_seed_protocol
     assert counter[0]["fd_raw"] == rebatched[0]["fd_raw"] and counter[0]["sampler_rmse"] == rebatched[0]["sampler_rmse"]
 
 
-def test_the_fast_path_is_its_own_configuration(tmp_path):
-    """`fast.channels_last=true` on a network: its own config hash and label; the metric moves by float rounding."""
-    network = ["model=network", "net=ddpmpp_small", "data=digits", "data.limit=64", "metric=raw", "nfe.steps=[3]",
+NETWORK = ["model=network", "net=ddpmpp_small", "data=digits", "data.limit=64", "metric=raw", "nfe.steps=[3]",
                "num_samples=16", "batch_size=16", "metric.reference_solver=heun", "metric.reference_steps=4", "logger=csv",
                "trainer.enable_progress_bar=false"]
-    choices = {**CHOICES, "data": "digits", "model": "network", "net": "ddpmpp_small"}
-    eager = run_sample(compose_cfg(tmp_path / "a", *network), choices)
-    fast = run_sample(compose_cfg(tmp_path / "b", *network, "fast.channels_last=true"), choices)
+NETWORK_CHOICES = {**CHOICES, "data": "digits", "model": "network", "net": "ddpmpp_small"}
+
+
+def test_the_fast_path_is_its_own_configuration(tmp_path):
+    """`fast.channels_last=true` on a network: its own config hash and label; the metric moves by float rounding."""
+    eager = run_sample(compose_cfg(tmp_path / "a", *NETWORK), NETWORK_CHOICES)
+    fast = run_sample(compose_cfg(tmp_path / "b", *NETWORK, "fast.channels_last=true"), NETWORK_CHOICES)
     assert eager[0]["config_hash"] != fast[0]["config_hash"]
     assert "fast.channels_last=true" in fast[0]["label"] and "fast" not in eager[0]["label"]
     assert fast[0]["fd_raw"] == pytest.approx(eager[0]["fd_raw"], rel=1e-4)
+
+
+def test_sampling_under_bf16_autocast_is_its_own_configuration_with_a_float64_state(tmp_path, monkeypatch):
+    """`trainer.precision=bf16-mixed` samples with the network under bf16 autocast: its own hash and label (rows
+    of fp32 are never reused for it), the network's products in bf16, the sampler's state float64."""
+    import edm_lab.tasks.sample as task
+
+    states = []
+    real = task.sample
+
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        states.append(result.x.dtype)
+        return result
+
+    monkeypatch.setattr(task, "sample", recording)
+    fp32 = run_sample(compose_cfg(tmp_path, *NETWORK), NETWORK_CHOICES)
+    bf16 = run_sample(compose_cfg(tmp_path, *NETWORK, "trainer.precision=bf16-mixed"), NETWORK_CHOICES)
+    assert fp32[0]["config_hash"] != bf16[0]["config_hash"]
+    assert "trainer.precision=bf16-mixed" in bf16[0]["label"] and "precision" not in fp32[0]["label"]
+    assert set(states) == {torch.float64}
+    # bf16 keeps 8 bits of mantissa: the metric moves, by far less than the sampler's own error.
+    assert bf16[0]["fd_raw"] != fp32[0]["fd_raw"]
+    assert bf16[0]["fd_raw"] == pytest.approx(fp32[0]["fd_raw"], rel=0.05)
+    assert task.computation(compose_cfg(tmp_path, *NETWORK, "trainer.precision=32")) == {}
 
 
 def test_only_a_non_default_computation_enters_the_hashes(tmp_path):

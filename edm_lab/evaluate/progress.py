@@ -3,7 +3,7 @@
 A job runs Lightning `predict` once per point (and once per reference solution); Lightning's own bar
 would start afresh at each, with no ETA for the job. This one counts the job's denoiser evaluations
 (samples x NFE of each batch), planned from the config before the first batch, and says what it is
-computing: "reference solution (256 Heun steps)" or "point 3/7 (steps=4)". A reference solution is
+computing: "reference solution (RK45, tolerance 1e-05)" or "point 3/7 (steps=4)". A reference solution is
 planned when it starts (a cached one costs nothing); an adaptive solver's planned NFE is a bound, so
 its bar may end early.
 

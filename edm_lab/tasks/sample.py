@@ -59,6 +59,8 @@ AXES = ("schedule", "scaling", "discretization", "solver", "churn")
 # (each repeat is its own row of the same configuration, so raising it reuses the rows stored).
 HASHED = (*schema.SAMPLING_NODES, "num_samples", "seed")
 # Overrides of these keys change neither the numbers nor the label.
+# Lightning's spellings of its default, fp32 precision (any other changes the numbers: part of the hash).
+FULL_PRECISION = ("32-true", "32")
 UNHASHED_PREFIXES = ("nfe.", "logger.", "paths.", "trainer.", "hydra.", "limits.", "metric.batch_size")
 
 
@@ -275,6 +277,11 @@ def computation(cfg: DictConfig) -> dict[str, Any]:
         out["seed_noise"] = str(cfg.seed_noise)
     if FastPath(**cfg.fast).enabled:
         out["fast"] = OmegaConf.to_container(cfg.fast, resolve=True)
+    # Lightning's mixed precision runs the network's matrix products and convolutions under autocast, in
+    # sampling (predict) as in training; the sampler's float64 state is not autocast-eligible.
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision not in FULL_PRECISION:
+        out["precision"] = precision
     return out
 
 
@@ -295,7 +302,9 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
     params = [o for o in overrides if "." in o.split("=")[0] and not o.startswith(UNHASHED_PREFIXES)]
     words = [f"seed_noise={extra['seed_noise']}"] if "seed_noise" in extra else []
     words += [f"fast.{k}=true" for k, v in extra.get("fast", {}).items() if v is True]
-    params += [w for w in words if w not in params]
+    words += [f"trainer.precision={extra['precision']}"] if "precision" in extra else []
+    given = {p.split("=")[0] for p in params}  # an override already names its key (`fast.channels_last=True`)
+    params += [w for w in words if w.split("=")[0] not in given]
     return {
         "config_hash": config_hash(hashed), "label": make_label(choices, params, provenance), "sweep": sweep,
         **{k: choices.get(k) for k in ("data", "model", "precond", *AXES, "metric")},
