@@ -455,6 +455,17 @@ class FrechetDistance:
                      else samples[start:stop])
             self._metric.update(batch.to(device=self.device, dtype=self.input_dtype), real=real)
 
+    @torch.no_grad()
+    def features(self, samples: Tensor | ArrayDataset) -> Tensor:
+        """The extractor's float64 features of ``samples`` (N, D) on the CPU, in batches as the reference's."""
+        out = []
+        for start in range(0, len(samples), self.batch_size):
+            stop = start + self.batch_size
+            batch = (samples.sample_batch(slice(start, stop)) if isinstance(samples, ArrayDataset)
+                     else samples[start:stop])
+            out.append(self._metric.inception(batch.to(device=self.device, dtype=self.input_dtype)).cpu())
+        return torch.cat(out)
+
     def set_reference(self, samples: Tensor | ArrayDataset) -> None:
         """Replace the reference statistics with those of ``samples`` (e.g. the training set, a tensor or
         the ArrayDataset itself, read batch by batch)."""
@@ -498,6 +509,35 @@ class FrechetDistance:
         self._metric.reset()  # keeps the reference: reset_real_features=False
         self._feed(samples, real=False)
         return float(self._metric.compute())
+
+
+def kernel_distance(real_features: Tensor, fake_features: Tensor, subsets: int = 100, subset_size: int = 1000,
+                    seed: int = 0) -> float:
+    """Kernel distance (KID, Binkowski et al. 2018) between two feature sets (N, D): torchmetrics' unbiased
+    MMD^2 with the cubic polynomial kernel (x.y / D + 1)^3, averaged over `subsets` random subsets of
+    `subset_size` (at most the smaller set's size) from each set.
+
+    The subsets are drawn from torch's generator seeded with `seed` inside a forked RNG state, so the value
+    is a function of the features alone and the caller's random state is left as it was.
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    for name, f in (("real", real_features), ("generated", fake_features)):
+        if f.ndim != 2 or len(f) < 2:
+            raise ValueError(f"the kernel distance needs (N >= 2, D) {name} features, got {tuple(f.shape)}")
+    if real_features.shape[1] != fake_features.shape[1]:
+        raise ValueError(f"feature sets of {real_features.shape[1]} and {fake_features.shape[1]} dimensions")
+    size = min(int(subset_size), len(real_features), len(fake_features))
+    with warnings.catch_warnings():  # that it keeps the features is the point here
+        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
+        metric = KernelInceptionDistance(feature=FlattenFeatures(real_features.shape[1]), subsets=int(subsets),
+                                         subset_size=size, sync_on_compute=False)
+    metric.update(real_features.detach().cpu().to(torch.float64), real=True)
+    metric.update(fake_features.detach().cpu().to(torch.float64), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, _ = metric.compute()
+    return float(mean)
 
 
 def frechet_distance_from_features(features_a: Tensor, features_b: Tensor) -> float:

@@ -43,7 +43,7 @@ from edm_lab.track.store import ResultsStore
 __all__ = ["KNOWN_METRICS", "configurations", "default_metrics", "format_value", "line_styles", "markdown_table",
            "select_rows", "write_report", "main"]
 
-KNOWN_METRICS: tuple[str, ...] = ("fid", "fd_classifier", "fd_raw", "sampler_rmse")
+KNOWN_METRICS: tuple[str, ...] = ("fid", "fd_classifier", "fd_raw", "kid", "kid_classifier", "kid_raw", "sampler_rmse")
 PLOT_SUFFIX = "_vs_nfe.png"
 KIMG_PLOT_SUFFIX = "_vs_kimg.png"
 MISSING = "—"
@@ -56,9 +56,9 @@ def _is_numeric(series: pd.Series) -> bool:
 
 
 def default_metrics(frame: pd.DataFrame) -> list[str]:
-    """Numeric columns among KNOWN_METRICS plus numeric columns starting with ``fd_``, in that order."""
+    """Numeric columns among KNOWN_METRICS plus numeric columns starting with ``fd_`` or ``kid_``, in that order."""
     wanted = [c for c in KNOWN_METRICS if c in frame.columns]
-    wanted += sorted(c for c in frame.columns if isinstance(c, str) and c.startswith("fd_") and c not in wanted)
+    wanted += sorted(c for c in frame.columns if isinstance(c, str) and c.startswith(("fd_", "kid_")) and c not in wanted)
     return [c for c in wanted if _is_numeric(frame[c])]
 
 
@@ -495,7 +495,7 @@ def write_report(
            + ("; in the NFE tables rows are configurations, columns are NFE (number of denoiser evaluations)."
               if not sampling.empty else "."), ""]
     if not metrics:
-        md += [f"No metric columns found (looked for {', '.join(KNOWN_METRICS)} and `fd_*`).", ""]
+        md += [f"No metric columns found (looked for {', '.join(KNOWN_METRICS)}, `fd_*` and `kid_*`).", ""]
     else:
         md += ["Metrics: " + ", ".join(f"[{m}](#{re.sub(r'[^a-z0-9_-]', '', m.lower())})" for m in metrics), ""]
 

@@ -32,7 +32,7 @@ from edm_lab.checkpoints.official import OfficialCheckpointError
 from edm_lab.checkpoints.snapshot import file_sha256
 from edm_lab.design.sampler import sample, stochastic
 from edm_lab.evaluate import reference as ref
-from edm_lab.evaluate.features import FrechetDistance
+from edm_lab.evaluate.features import FrechetDistance, kernel_distance
 from edm_lab.evaluate.progress import SamplingProgress
 from edm_lab.nets.fast import FastPath, accelerate, eager
 from edm_lab.evaluate.sampling import (
@@ -127,6 +127,10 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     # FID weights are checked here, before any sampling; the data set's features are extracted on the
     # trainer's device (the Inception features of 50k images take hours on a CPU).
     frechet = build_frechet(cfg, dataset, trainer.strategy.root_device)
+    kid = kid_column(cfg)
+    real_features = None if kid is None else ref.cached_data_features(
+        frechet, dataset, dataset.fingerprint, OmegaConf.to_container(cfg.metric.extractor, resolve=True),
+        cfg.paths.cache_dir)
 
     store = ResultsStore(cfg.paths.results_dir)
     identity = describe(cfg, choices, overrides, axes, sweep, project_root,
@@ -151,7 +155,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     if main and cfg.get("logger"):
         logger = make_logger(cfg.logger, name=identity["label"], job_type="sample", sweep=sweep,
                              group=configuration_group(identity["label"], identity["config_hash"]))
-    tracker = CurveTracker(logger, [metric, "sampler_rmse"], run_config(cfg, choices, identity))
+    tracker = CurveTracker(logger, [metric, *([kid] if kid else []), "sampler_rmse"], run_config(cfg, choices, identity))
     export = _export_root(cfg, identity, main)
     progress = trainer.progress_bar_callback if isinstance(trainer.progress_bar_callback, SamplingProgress) else None
     if progress is not None and not main:
@@ -174,13 +178,14 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
                     if row is None:
                         phase = f"point {todo.index((num_steps, repeat)) + 1}/{len(todo)} (steps={num_steps})"
                         samples, row = evaluate_point(cfg, trainer, net, dataset, axes, num_steps, repeat, frechet,
-                                                      references, export, progress, phase)
+                                                      references, export, progress, phase, real_features)
                         row = {**identity, **row}
                         if main:
                             store.write(row)  # only complete rows are ever written
                             eta = progress.eta() if progress is not None and not progress.draw else ""
-                            log.info("steps=%d%s nfe=%g %s=%.4g sampler_rmse=%s (%.1fs, %.0f img/s)%s", num_steps,
+                            log.info("steps=%d%s nfe=%g %s=%.4g%s sampler_rmse=%s (%.1fs, %.0f img/s)%s", num_steps,
                                      f" repeat={repeat}" if cfg.repeats > 1 else "", row["nfe"], metric, row[metric],
+                                     f" {kid}={row[kid]:.4g}" if kid else "",
                                      _fmt(row["sampler_rmse"]), row["seconds"], row["images_per_second"],
                                      f" [{eta}]" if eta else "")
                     rows.append(row)
@@ -249,11 +254,22 @@ def build_frechet(cfg: DictConfig, dataset, device: torch.device | str | None = 
     return frechet
 
 
+def kid_column(cfg: DictConfig) -> str | None:
+    """The kernel distance's column beside the Frechet distance's (`kid_classifier` beside `fd_classifier`,
+    `kid` beside `fid`), or None when `metric.kid` is off."""
+    if cfg.metric.get("kid") is None:
+        return None
+    name = str(cfg.metric.name)
+    return "kid" if name == "fid" else "kid_" + name.removeprefix("fd_")
+
+
 def _metric_identity(metric: dict[str, Any]) -> dict[str, Any]:
     """What of the metric config fixes its numbers: not the batch size nor where the Inception weights
     came from; a reference statistics file by its content (and absent when unset, so rows stored before
     the option existed keep their hash)."""
     metric = {k: v for k, v in metric.items() if k != "batch_size"}
+    if metric.get("kid", 0) is None:  # off: absent, so rows stored before the option existed keep their hash
+        del metric["kid"]
     # Only the keys of the reference solver in use; Heun's rows keep the hash they had before RK45 was an option.
     if metric.pop("reference_solver", "heun") == "rk45":
         metric["reference_solver"] = "rk45"
@@ -318,7 +334,7 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
 def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, Any], num_steps: int, repeat: int,
                    frechet: FrechetDistance, references: dict[tuple[float, int], torch.Tensor],
                    export: Path | None = None, progress: SamplingProgress | None = None,
-                   phase: str = "") -> tuple[torch.Tensor, dict]:
+                   phase: str = "", real_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Sample repeat `repeat` at `num_steps` and measure: (the tracker's samples, the row's measured columns).
 
     `seconds` is the point's wall time (sampling, features, gathering, distance), without the
@@ -344,12 +360,16 @@ def evaluate_point(cfg: DictConfig, trainer, net, dataset, axes: Mapping[str, An
                             keep_samples=grid_items(dataset.sample_shape), on_batch=on_batch, noise=cfg.seed_noise)
     out = generate(trainer, module, cfg.num_samples, cfg.batch_size)
     value = frechet_from_features(frechet.reference_statistics(), out.features, frechet.batch_size)
+    kid = {}
+    if real_features is not None:
+        kid[kid_column(cfg)] = kernel_distance(real_features, out.features, int(cfg.metric.kid.subsets),
+                                               int(cfg.metric.kid.subset_size))
     error = None
     if out.squared_error is not None:
         error = rms_from_squared_errors(out.squared_error, math.prod(dataset.sample_shape))
     seconds = time.perf_counter() - start
     return out.samples, {"num_steps": num_steps, "repeat": repeat, "first_seed": first_seed, "nfe": out.nfe,
-                         str(cfg.metric.name): value, "sampler_rmse": error, "sigma_start": sigma0,
+                         str(cfg.metric.name): value, **kid, "sampler_rmse": error, "sigma_start": sigma0,
                          "seconds": seconds, "images_per_second": cfg.num_samples / max(out.sampling_seconds, 1e-9),
                          "time": dt.datetime.now().isoformat(timespec="seconds")}
 
