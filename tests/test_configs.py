@@ -1,6 +1,7 @@
 """Every option of every config group composes and instantiates; bad input fails before any work."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,17 @@ def test_groups_map_onto_the_axes():
         assert group in GROUPS
     assert set(options("schedule")) == {"vp", "ve", "edm", "linear"}
     assert set(options("scaling")) == {"vp", "none"}
-    assert set(options("discretization")) == {"vp", "ve", "iddpm", "edm"}
+    assert set(options("discretization")) == {"vp", "ve", "iddpm", "edm", "optimized"}
     assert {"euler", "heun"} <= set(options("solver"))
     assert set(options("precond")) == {"vp", "ve", "iddpm", "edm"}
+
+
+def learned_levels_file(directory) -> str:
+    """A learned-steps file (edm_lab.design.discretizations.OptimizedDiscretization) holding 3 levels."""
+    path = directory / "learned.json"
+    path.write_text(json.dumps({"format": "edm_lab.learned_steps", "version": 1, "sigma_min": 0.002, "sigma_max": 80.0,
+                                "steps": {"3": {"levels": [80.0, 1.5, 0.002]}}}))
+    return str(path)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -56,7 +65,9 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         small = "data.path=x"  # reading real files: tests/test_datasets.py
     # Training presets read a data set from disk; the digits stand in for it here.
     digits = ["data=digits"] if group == "experiment" else []
-    cfg = compose_cfg(tmp_path, f"{group}={option}", *digits, small, *([f"{group}.path=x"] if needs_file else []))
+    if (group, option) == ("discretization", "optimized"):  # learned levels for the 3 steps sampled below
+        small += f" discretization.path={learned_levels_file(tmp_path)}"
+    cfg = compose_cfg(tmp_path, f"{group}={option}", *digits, *small.split(), *([f"{group}.path=x"] if needs_file else []))
     axes = {name: instantiate(cfg[name]) for name in AXES}
     if needs_file:  # loading real files: tests/test_checkpoints.py, test_official.py, test_datasets.py
         assert cfg[group].path == "x"
@@ -71,7 +82,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     assert cfg.logger._target_.startswith("lightning.pytorch.loggers.")
     if cfg.trainer.accelerator == "cpu":
         instantiate(cfg.trainer)
-    assert cfg.task.name in ("sample", "train", "report", "paper", "fid_ref")
+    assert cfg.task.name in ("sample", "train", "report", "paper", "fid_ref", "learn_steps")
 
 
 def test_wandb_logger_is_offline_by_default(tmp_path):

@@ -16,7 +16,8 @@ from edm_lab.design.churn import Churn
 from edm_lab.design.discretizations import EDMDiscretization, IDDPMDiscretization, VPDiscretization
 from edm_lab.design.sampler import PerSampleNoise, sample
 from edm_lab.design.schedules import LinearSchedule, VPScaling, VPSchedule
-from edm_lab.design.solvers import Ancestral, Euler, EulerMaruyama, PredictorCorrector, SecondOrder
+from edm_lab.design.solvers import (DEIS, IPNDM, LMS, Ancestral, DPMSolverPP, DPMSolverPP2MSDE, DPMSolverPP2S, Euler,
+                                    EulerAncestral, EulerMaruyama, PredictorCorrector, SecondOrder, UniPC)
 
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__format__")
 
@@ -68,6 +69,10 @@ class StepLoopGuard:
     (Euler(), Churn(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)),
     (SecondOrder(1.0), Churn(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)),
     (EulerMaruyama(), Churn()), (PredictorCorrector(), Churn()), (Ancestral(), Churn()),
+    (EulerAncestral(), Churn()), (EulerAncestral(eta=0.0), Churn()), (DPMSolverPP(order=2), Churn()),
+    (DPMSolverPP(order=3), Churn()), (DPMSolverPP2S(), Churn()), (DPMSolverPP2S(eta=1.0), Churn()),
+    (DPMSolverPP2MSDE(), Churn()), (UniPC(order=3, variant="bh1"), Churn()), (UniPC(order=2, variant="bh2"), Churn()),
+    (IPNDM(), Churn()), (DEIS(), Churn()), (LMS(), Churn()),
 ])
 @pytest.mark.parametrize("axes", ["edm", "vp", "iddpm"])
 def test_the_step_loop_reads_nothing_back(solver, churn, axes):

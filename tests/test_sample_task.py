@@ -242,3 +242,38 @@ def test_the_rk45_reference_solution_matches_heun_s_and_heun_rows_keep_their_has
     assert _metric_identity(heun_metric) == {"name": "fd_raw", "sampler_error": True, "reference_steps": 256}
     assert _metric_identity({**heun_metric, "reference_solver": "rk45"}) == {
         "name": "fd_raw", "sampler_error": True, "reference_solver": "rk45", "reference_tolerance": 1e-5}
+
+
+def test_guidance_wraps_the_network_counts_both_calls_and_is_its_own_configuration(tmp_path):
+    """`guidance=cfg` on a class-conditional network: twice the NFE, its own hash and label; refused one-line
+    on an unconditional network; `guidance=autoguidance` with the network guiding itself is the network."""
+    from edm_lab.checkpoints.snapshot import save_checkpoint
+    from edm_lab.tasks.schema import ConfigError
+
+    conditional = [*NETWORK, "model.class_conditional=true"]
+    plain = run_sample(compose_cfg(tmp_path, *conditional), NETWORK_CHOICES)
+    cfg_rows = run_sample(compose_cfg(tmp_path, *conditional, "guidance=cfg", "guidance.weight=3"), NETWORK_CHOICES)
+    assert cfg_rows[0]["nfe"] == 2 * plain[0]["nfe"] == 2 * 5
+    assert cfg_rows[0]["config_hash"] != plain[0]["config_hash"]
+    assert "guidance=cfg(w=3)" in cfg_rows[0]["label"] and cfg_rows[0]["guidance_weight"] == 3.0
+    assert cfg_rows[0]["fd_raw"] != plain[0]["fd_raw"]
+    with pytest.raises(ConfigError, match="^guidance: classifier-free guidance needs a class-conditional network"):
+        run_sample(compose_cfg(tmp_path, *NETWORK, "guidance=cfg"), NETWORK_CHOICES)
+    # The network as its own guide: D_w = D for any w, at twice the evaluations.
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from edm_lab.nets.denoisers import network_denoiser
+
+    cfg = compose_cfg(tmp_path, *NETWORK)
+    net = network_denoiser(instantiate(cfg.data), instantiate(cfg.precond, _partial_=True),
+                           OmegaConf.to_container(cfg.net, resolve=True))  # model=network's own weights (seed 0)
+    path = save_checkpoint(net, tmp_path / "self.safetensors")
+    self_guided = run_sample(compose_cfg(tmp_path, *NETWORK, "guidance=autoguidance", f"guidance.guide.path={path}"),
+                             NETWORK_CHOICES)
+    unguided = run_sample(compose_cfg(tmp_path, *NETWORK), NETWORK_CHOICES)
+    assert self_guided[0]["nfe"] == 2 * unguided[0]["nfe"]
+    assert self_guided[0]["fd_raw"] == pytest.approx(unguided[0]["fd_raw"], rel=1e-9)
+    with pytest.raises(ConfigError, match="^guidance.guide.path=.*missing.safetensors"):
+        run_sample(compose_cfg(tmp_path, *NETWORK, "guidance=autoguidance",
+                               f"guidance.guide.path={tmp_path / 'missing.safetensors'}"), NETWORK_CHOICES)

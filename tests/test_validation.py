@@ -15,7 +15,7 @@ from edm_lab.tasks import schema
 from edm_lab.tasks.hydra_support import register_resolvers, unique_dir
 from edm_lab.tasks.schema import ConfigError
 from tests.conftest import PROJECT_ROOT
-from tests.test_configs import CONF, GROUPS, compose_cfg, options
+from tests.test_configs import CONF, GROUPS, compose_cfg, learned_levels_file, options
 
 # (overrides, the key the first line must name). The first 16 are the cases of issue 9.
 BAD_VALUES = [
@@ -153,6 +153,11 @@ def test_every_shipped_option_passes(tmp_path, group, option):
         extra = ["data=digits"]  # the presets name their data set's file
     if (group, option) == ("solver", "rk45"):
         extra = ["nfe.steps=[18]"]  # it takes the steps its tolerance asks for: one step count
+    if (group, option) == ("discretization", "optimized"):
+        extra = [f"discretization.path={learned_levels_file(tmp_path)}"]
+    if (group, option) == ("guidance", "autoguidance"):
+        (tmp_path / "guide").write_text("x")
+        extra = [f"guidance.guide.path={tmp_path / 'guide'}"]
     cfg = compose_cfg(tmp_path, f"{group}={option}", *extra)
     schema.check(cfg)
 

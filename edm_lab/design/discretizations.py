@@ -1,12 +1,18 @@
 """Time discretization: the noise levels sigma_0 > ... > sigma_{N-1} a sampler visits (Table 1).
 
 Each discretization knows its default noise range; `noise_range` fills in the defaults and
-clamps them to what the denoiser supports, as the reference sampler does.
+clamps them to what the denoiser supports, as the reference sampler does. `OptimizedDiscretization`
+is the exception: its levels were learned for one range (`edm_lab.evaluate.learned_steps`), so a
+denoiser that does not support all of it is refused rather than clamped.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,3 +157,120 @@ class EDMDiscretization(Discretization):
         rho = self.rho
         return (sigma_max ** (1 / rho) + _fractions(num_steps, dtype, device)
                 * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+OPTIMIZED_FORMAT = "edm_lab.learned_steps"
+OPTIMIZED_VERSION = 1
+OPTIMIZED_KEY = "discretization.path"
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_optimized_levels(text: str | bytes, where: str) -> dict[str, Any]:
+    """The validated content of a learned-steps file (see `OptimizedDiscretization`); `where` names it in errors.
+
+    Returns the document with `steps` keyed by int step count; every entry keeps its provenance.
+    Raises ValueError for anything that is not such a file.
+    """
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{where}: {problem}; write the file with edm_lab.evaluate.learned_steps."
+                          "optimize_time_steps(...).save(path)")
+
+    try:
+        doc = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"not a JSON file ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != OPTIMIZED_FORMAT:
+        raise bad(f"not a learned-steps file (expected \"format\": \"{OPTIMIZED_FORMAT}\")")
+    if type(doc.get("version")) is not int or doc["version"] != OPTIMIZED_VERSION:
+        raise bad(f"version {doc.get('version')!r}, this code reads version {OPTIMIZED_VERSION}")
+    sigma_min, sigma_max = doc.get("sigma_min"), doc.get("sigma_max")
+    if not (_is_real(sigma_min) and _is_real(sigma_max) and 0 < sigma_min < sigma_max):
+        raise bad(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}: expected finite numbers 0 < sigma_min < sigma_max")
+    steps = doc.get("steps")
+    if not isinstance(steps, dict) or not steps:
+        raise bad("no \"steps\": expected an object mapping step counts to their levels")
+    parsed: dict[int, dict[str, Any]] = {}
+    for key, entry in steps.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) >= 2 and str(int(key)) == key):
+            raise bad(f"step count {key!r}: expected an integer >= 2")
+        num_steps = int(key)
+        levels = entry.get("levels") if isinstance(entry, dict) else None
+        if not isinstance(levels, list) or len(levels) != num_steps or not all(_is_real(v) for v in levels):
+            raise bad(f"steps[{key}].levels: expected a list of {num_steps} finite numbers")
+        if not all(v > 0 for v in levels) or not all(a > b for a, b in zip(levels, levels[1:])):
+            raise bad(f"steps[{key}].levels={levels}: expected positive, strictly decreasing levels")
+        if levels[0] != sigma_max or levels[-1] != sigma_min:
+            raise bad(f"steps[{key}].levels run from {levels[0]} to {levels[-1]}: expected the file's sigma_max="
+                      f"{sigma_max} to sigma_min={sigma_min}")
+        parsed[num_steps] = {**entry, "levels": [float(v) for v in levels]}
+    return {**doc, "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "steps": dict(sorted(parsed.items()))}
+
+
+class OptimizedDiscretization(Discretization):
+    """Noise levels learned for a denoiser, solver and step count, read from a JSON file.
+
+    The file is written by `edm_lab.evaluate.learned_steps.optimize_time_steps(...).save(path)`:
+    `{"format": "edm_lab.learned_steps", "version": 1, "sigma_min": ..., "sigma_max": ...,
+    "steps": {"<N>": {"levels": [sigma_0, ..., sigma_{N-1}], <provenance>}, ...}}`. Every entry runs
+    from the file's sigma_max to its sigma_min (those are `default_sigma_min/max`), strictly
+    decreasing; the provenance (solver, schedule, denoiser, seeds, errors before and after) is kept
+    in `entries` and not interpreted. The file is read and checked once, here: a missing, unreadable
+    or malformed file is refused naming `discretization.path`. `fingerprint` is the SHA-256 of its
+    bytes, to identify the levels in results (the path alone does not).
+
+    The levels are fixed: there is no sigma_min/sigma_max override, and `sigma_steps` refuses a step
+    count the file does not hold. The denoiser's range is not clamped into: levels learned over a
+    range the denoiser does not fully support are refused (`noise_range`), since moving the end
+    points would change every level the optimiser chose. A denoiser that rounds sigma (iDDPM's table)
+    still rounds them in the sampler, as for every discretization; the optimiser refuses such a
+    denoiser, so files it writes hold levels that no rounding moves.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = str(path)
+        where = f"{OPTIMIZED_KEY}={self.path}"
+        try:
+            raw = Path(self.path).expanduser().read_bytes()
+        except FileNotFoundError as exc:
+            raise ValueError(f"{where}: no such file; write it with edm_lab.evaluate.learned_steps."
+                             "optimize_time_steps(...).save(path)") from exc
+        except OSError as exc:
+            raise ValueError(f"{where}: cannot read the file ({exc.strerror or exc})") from exc
+        doc = parse_optimized_levels(raw, where)
+        self.fingerprint = hashlib.sha256(raw).hexdigest()
+        self.default_sigma_min, self.default_sigma_max = doc["sigma_min"], doc["sigma_max"]
+        self.entries: dict[int, dict[str, Any]] = doc["steps"]
+        self.levels: dict[int, tuple[float, ...]] = {n: tuple(e["levels"]) for n, e in self.entries.items()}
+
+    @property
+    def step_counts(self) -> list[int]:
+        """The step counts the file holds levels for, ascending."""
+        return list(self.levels)
+
+    def noise_range(self, net_sigma_min: float = 0.0, net_sigma_max: float = math.inf) -> tuple[float, float]:
+        """The file's (sigma_min, sigma_max); refused where the denoiser does not support all of it."""
+        lo, hi = self.default_sigma_min, self.default_sigma_max
+        if lo < net_sigma_min or hi > net_sigma_max:
+            raise ValueError(f"{OPTIMIZED_KEY}={self.path}: the learned levels span [{lo:g}, {hi:g}], outside the "
+                             f"denoiser's range [{net_sigma_min:g}, {net_sigma_max:g}]; learned levels are not "
+                             "clamped: learn them for this denoiser")
+        return lo, hi
+
+    def sigma_steps(self, num_steps, sigma_min, sigma_max, dtype=torch.float64, device="cpu"):
+        if num_steps not in self.levels:
+            raise ValueError(f"{OPTIMIZED_KEY}={self.path} holds learned levels for num_steps in "
+                             f"{self.step_counts}, not {num_steps}: pick one of those (nfe.steps) or learn levels "
+                             f"for {num_steps} steps")
+        for name, asked, stored in (("sigma_min", sigma_min, self.default_sigma_min),
+                                    ("sigma_max", sigma_max, self.default_sigma_max)):
+            if not math.isclose(asked, stored, rel_tol=1e-12, abs_tol=0.0):
+                raise ValueError(f"{OPTIMIZED_KEY}={self.path}: the learned levels have {name}={stored!r}, "
+                                 f"not {asked!r}; they cannot be moved to another range")
+        return torch.tensor(self.levels[num_steps], dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"OptimizedDiscretization(path={self.path!r})"

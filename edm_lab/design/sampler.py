@@ -45,8 +45,9 @@ class Denoiser(Protocol):
 class CountingDenoiser:
     """Counts denoiser calls: the sampler's NFE is measured, never derived from a formula.
 
-    `calls` counts the calls. A solver whose samples take their own steps passes `active`, the mask of
-    the batch's samples a call evaluates; from then on `per_sample` holds each sample's own count.
+    `calls` counts the network evaluations: one per call, or the denoiser's `evaluations_per_call` (a guided
+    denoiser, `edm_lab.design.guidance`). A solver whose samples take their own steps passes `active`, the mask
+    of the batch's samples a call evaluates; from then on `per_sample` holds each sample's own count.
     """
 
     def __init__(self, net: Denoiser) -> None:
@@ -55,11 +56,13 @@ class CountingDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None,
                  active: Tensor | None = None) -> Tensor:
+        # A guided denoiser runs two networks per call (edm_lab.design.guidance): NFE counts network evaluations.
+        n = getattr(self.net, "evaluations_per_call", 1)
         if active is not None and self.per_sample is None:  # the calls before evaluated every sample
             self.per_sample = torch.full(active.shape, self.calls, dtype=torch.int64, device=active.device)
         if self.per_sample is not None:
-            self.per_sample += 1 if active is None else active
-        self.calls += 1
+            self.per_sample += n if active is None else n * active
+        self.calls += n
         return self.net(x, sigma, class_labels)
 
 

@@ -71,19 +71,19 @@ def compile_module(module: nn.Module, mode: str = "default") -> nn.Module:
 
 @contextlib.contextmanager
 def eager(denoiser: nn.Module) -> Iterator[nn.Module]:
-    """Run `denoiser`'s compiled inner network eagerly inside the block.
+    """Run every compiled module inside `denoiser` (its inner network; both networks of a guided one) eagerly
+    inside the block.
 
     For callers whose batch shapes change from call to call (an adaptive solver's per-sample steps), where
     fixed-shape compilation would recompile at each new shape. Uses `nn.Module.compile`'s attribute; a
     module compiled otherwise (or a later torch without it) stays as it is.
     """
-    model = getattr(denoiser, "model", None)
-    compiled = getattr(model, "_compiled_call_impl", None)
-    if compiled is None:
-        yield denoiser
-        return
-    model._compiled_call_impl = None
+    modules = denoiser.modules() if isinstance(denoiser, nn.Module) else ()
+    compiled = [(m, m._compiled_call_impl) for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
     try:
         yield denoiser
     finally:
-        model._compiled_call_impl = compiled
+        for module, call in compiled:
+            module._compiled_call_impl = call

@@ -158,7 +158,8 @@ def register_resolvers() -> None:
 
 # Folders each task writes (besides Hydra's job folder): probed before any work.
 WRITES = {"sample": ("results_dir", "cache_dir", "reports_dir"), "train": ("results_dir", "cache_dir", "reports_dir"),
-          "fid_ref": ("cache_dir", "reports_dir"), "report": ("reports_dir",), "paper": ("reports_dir",)}
+          "fid_ref": ("cache_dir", "reports_dir"), "report": ("reports_dir",), "paper": ("reports_dir",),
+          "learn_steps": ("cache_dir",)}
 
 
 def preflight(cfg: DictConfig, job: str = "") -> None:
@@ -289,6 +290,10 @@ def run_task(cfg: DictConfig) -> Any:
         return regenerate_report(cfg)
     if name == "paper":
         return regenerate_paper(cfg)
+    if name == "learn_steps":
+        from edm_lab.tasks.learn_steps import run_learn_steps
+
+        return run_learn_steps(cfg)
     from edm_lab.tasks.fid_ref import run_fid_ref  # the schema admits no other task.name
 
     return run_fid_ref(cfg)
@@ -427,6 +432,9 @@ def _sweep_table(config: DictConfig, folder: Path, report: Path | None) -> str |
     return log_sweep_table(config.logger, rows, "/".join(folder.parts[-2:]), images)
 
 
+REPORTED_TASKS = ("sample", "train", "fid_ref")  # the tasks whose runs end with a report and closing lines
+
+
 class RegenerateReport(Callback):
     """When a run, or a whole multirun, has ended well: its report (its own rows only), a W&B table of
     a sweep's points, and the closing lines saying where rows, tracker runs and report are."""
@@ -436,12 +444,12 @@ class RegenerateReport(Callback):
 
         if job_return is None or getattr(job_return, "status", None) != JobStatus.COMPLETED:
             return  # the job's own error is what the user must read
-        if config.task.name not in ("report", "paper"):
+        if config.task.name in REPORTED_TASKS:
             self._write(config, lambda: Path(job_return.hydra_cfg.hydra.runtime.output_dir), sweep=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # The sweeper resolved hydra.sweep.dir on this very config object: its cache holds the folder.
-        if config.task.name not in ("report", "paper"):
+        if config.task.name in REPORTED_TASKS:
             self._write(config, lambda: Path(str(config.hydra.sweep.dir)), sweep=True)
 
     @staticmethod

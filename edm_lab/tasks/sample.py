@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from tqdm.contrib.logging import logging_redirect_tqdm
 from omegaconf import DictConfig, OmegaConf
 
@@ -102,7 +102,8 @@ def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str],
         model = f"network({choices.get('net') or provenance.get('network')})"
     head = f"{choices.get('data')}/{model}/{choices.get('precond')}"
     axes = " ".join(f"{a}={choices.get(a)}" for a in AXES)
-    return " ".join([head, axes, *extra_overrides])
+    guidance = [f"guidance={provenance['guidance']}(w={provenance['guidance_weight']:g})"] if provenance.get("guidance") else []
+    return " ".join([head, axes, *guidance, *[o for o in extra_overrides if not o.startswith("guidance.weight=")]])
 
 
 def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[str] = (),
@@ -123,7 +124,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     except (ValueError, OSError, OfficialCheckpointError) as exc:  # a loader's refusal, naming the file: one line
         key = f"model.path={cfg.model.path}" if "path" in cfg.model else f"model={choices.get('model')}"
         raise ConfigError(f"{key}: {exc}") from exc
-    net = accelerate(net, FastPath(**cfg.fast))
+    net = guided(cfg, accelerate(net, FastPath(**cfg.fast)), dataset, instantiate(cfg.precond, _partial_=True))
     # FID weights are checked here, before any sampling; the data set's features are extracted on the
     # trainer's device (the Inception features of 50k images take hours on a CPU).
     frechet = build_frechet(cfg, dataset, trainer.strategy.root_device)
@@ -254,6 +255,24 @@ def build_frechet(cfg: DictConfig, dataset, device: torch.device | str | None = 
     return frechet
 
 
+def guided(cfg: DictConfig, net, dataset, precond):
+    """`net` inside the configured guidance (`guidance=none`: `net` itself); an autoguidance guide is loaded
+    like `model=checkpoint`, with the same data and preconditioner, and put on the same fast path."""
+    node = cfg.get("guidance")
+    if not node or node.get("_target_") is None:
+        return net
+    kind, weight, guide = get_class(node._target_), float(node.weight), ()
+    if "guide" in node:
+        try:
+            guide = (accelerate(instantiate(node.guide)(dataset, precond), FastPath(**cfg.fast)),)
+        except (ValueError, OSError, OfficialCheckpointError) as exc:
+            raise ConfigError(f"guidance.guide.path={node.guide.get('path')}: {exc}") from exc
+    try:
+        return kind(net, *guide, weight)
+    except ValueError as exc:  # the wrapper's refusal (an unconditional network, mismatched networks): one line
+        raise ConfigError(f"guidance: {exc}") from exc
+
+
 def kid_column(cfg: DictConfig) -> str | None:
     """The kernel distance's column beside the Frechet distance's (`kid_classifier` beside `fd_classifier`,
     `kid` beside `fid`), or None when `metric.kid` is off."""
@@ -315,6 +334,8 @@ def describe(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[st
     extra = computation(cfg)
     hashed.update(extra)
     hashed["provenance"] = provenance  # a checkpoint is identified by its content, not its path
+    if getattr(axes["discretization"], "fingerprint", None):  # learned levels too: a file replaced at the same path
+        hashed["discretization_sha256"] = axes["discretization"].fingerprint
     params = [o for o in overrides if "." in o.split("=")[0] and not o.startswith(UNHASHED_PREFIXES)]
     words = [f"seed_noise={extra['seed_noise']}"] if "seed_noise" in extra else []
     words += [f"fast.{k}=true" for k, v in extra.get("fast", {}).items() if v is True]

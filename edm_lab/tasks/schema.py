@@ -273,6 +273,19 @@ TARGETS: dict[str, dict[str, Rule]] = {
     "edm_lab.design.solvers.PredictorCorrector": {"snr": POSITIVE, "corrector_steps": Int(lo=0, hi=100)},
     "edm_lab.design.solvers.Ancestral": {},
     "edm_lab.design.solvers.RK45": {"rtol": POSITIVE, "atol": POSITIVE},
+    "edm_lab.design.solvers.EulerAncestral": {"eta": Real(ge=0, le=1)},
+    "edm_lab.design.solvers.DPMSolverPP": {"order": Int(lo=1, hi=3), "lower_order_final": Bool()},
+    "edm_lab.design.solvers.DPMSolverPP2S": {"eta": Real(ge=0, le=1)},
+    "edm_lab.design.solvers.DPMSolverPP2MSDE": {"eta": NON_NEGATIVE},
+    "edm_lab.design.solvers.UniPC": {"order": Int(lo=1, hi=3), "variant": OneOf(choices=("bh1", "bh2")),
+                                     "corrector": Bool(), "lower_order_final": Bool()},
+    "edm_lab.design.solvers.IPNDM": {"order": Int(lo=1, hi=4)},
+    "edm_lab.design.solvers.DEIS": {"order": Int(lo=1, hi=4)},
+    "edm_lab.design.solvers.LMS": {"order": Int(lo=1, hi=4)},
+    "edm_lab.design.discretizations.OptimizedDiscretization": {"path": ExistingPath()},
+    "edm_lab.design.guidance.ClassifierFreeGuidance": {"weight": Real()},
+    "edm_lab.design.guidance.Autoguidance": {"weight": Real(), "guide.path": ExistingPath(),
+                                             "guide.precision": OneOf(choices=PRECISION.choices, null=True)},
     "edm_lab.design.churn.Churn": {"S_churn": NON_NEGATIVE, "S_min": NON_NEGATIVE,
                                    "S_max": Real(ge=0, inf=True), "S_noise": NON_NEGATIVE},
     # preconditioning
@@ -319,8 +332,8 @@ TARGETS: dict[str, dict[str, Rule]] = {
 }
 """Rules of the nodes that Hydra instantiates, by `_target_` (keys `_target_`/`_partial_` aside)."""
 
-INSTANTIATED = ("schedule", "scaling", "discretization", "solver", "churn", "precond", "noise", "weighting",
-                "augment", "data", "model", "metric.extractor")
+INSTANTIATED = ("schedule", "scaling", "discretization", "solver", "churn", "guidance", "precond", "noise",
+                "weighting", "augment", "data", "model", "metric.extractor")
 """The nodes whose rules come from TARGETS."""
 
 PATHS: dict[str, Rule] = {
@@ -346,7 +359,14 @@ PATHS: dict[str, Rule] = {
     "metric.reference_solver": OneOf(choices=("rk45", "heun")),
     "metric.reference_tolerance": Real(gt=0),
     "metric.extractor": Node(),
-    "task.name": OneOf(choices=("sample", "train", "fid_ref", "report", "paper")),
+    "metric.kid": Node(),  # null: off
+    "metric.kid.subsets": COUNT,
+    "metric.kid.subset_size": Int(lo=2),
+    "task.name": OneOf(choices=("sample", "train", "fid_ref", "report", "paper", "learn_steps")),
+    "task.train_seeds": COUNT,
+    "task.heldout_seeds": COUNT,
+    "task.iterations": COUNT,
+    "task.gradient": OneOf(choices=("autograd", "smoothed")),
     "task.dest": Text(),
     "task.metrics": Node(),
     "task.sweep": Text(),
@@ -503,11 +523,13 @@ def relation_problems(cfg: DictConfig) -> list[str]:
         lo, hi = _number(cfg, f"{node}.sigma_min"), _number(cfg, f"{node}.sigma_max")
         if _is_number(lo) and _is_number(hi) and not lo < hi:
             out.append(f"{node}.sigma_min={_show(lo)}: expected < {node}.sigma_max={_show(hi)}")
-    churn, solver = _number(cfg, "churn.S_churn"), _solver(cfg)
-    if (solver.stochastic or solver.adaptive) and _is_number(churn) and churn > 0:
-        kind = "an adaptive" if solver.adaptive else "a stochastic"
+    churn, solver, noisy = _number(cfg, "churn.S_churn"), _solver(cfg), _solver_noisy(cfg)
+    if (noisy or solver.adaptive or not solver.churn) and _is_number(churn) and churn > 0:
+        kind = ("an adaptive" if solver.adaptive else "a stochastic" if noisy
+                else "an exponential-integrator or multistep")
         out.append(f"churn.S_churn={_show(churn)}: expected 0 with {kind} solver{_choice(cfg, 'solver')}; "
-                   "churn is Algorithm 2's, for the fixed-step ODE solvers: use churn=none")
+                   "churn is Algorithm 2's, for the paper's Runge-Kutta ODE solvers (euler, heun, midpoint, "
+                   "ralston): use churn=none")
     steps = _number(cfg, "nfe.steps")
     if solver.adaptive and isinstance(steps, list) and len(set(steps)) > 1 and _number(cfg, "task.name") == "sample":
         out.append(f"nfe.steps={_show(steps)}: expected one step count with solver=rk45, which takes the steps its "
@@ -570,8 +592,25 @@ class SolverKind:
     """What the schema knows of a solver (edm_lab/design/solvers.py) before it runs."""
 
     evaluations: Any  # (N, solver config) -> denoiser evaluations per sample; an adaptive one's: a generous bound
-    stochastic: bool = False  # adds noise itself: no ODE solution to compare with, no churn
+    # Adds noise itself: no ODE solution to compare with, no churn. A bool, or (solver config) -> bool for a
+    # solver whose noise a key turns off (eta = 0).
+    stochastic: Any = False
     adaptive: bool = False  # takes its own steps: one step count, no churn
+    churn: bool = True  # takes Algorithm 2's churn (the paper's Runge-Kutta solvers); the later samplers step
+    # between the discretization's own levels, their history and stages sitting there
+
+    def adds_noise(self, solver: Any) -> bool:
+        """Whether the solver configured as `solver` (its config node) adds noise."""
+        return bool(self.stochastic(solver if solver is not None else {})) if callable(self.stochastic) \
+            else self.stochastic
+
+
+def _eta(default: float) -> Any:
+    """(solver config) -> whether its eta (`default` when unset) adds noise; a bad eta is the range check's."""
+    def noisy(solver: Any) -> bool:
+        eta = solver.get("eta", default)
+        return not _is_number(eta) or eta != 0
+    return noisy
 
 
 SOLVERS: dict[str, SolverKind] = {
@@ -587,6 +626,15 @@ SOLVERS: dict[str, SolverKind] = {
     # growing below as a 5th-order method's step count, tol^(-1/5), with tol = min(rtol, atol).
     "edm_lab.design.solvers.RK45": SolverKind(lambda n, solver: math.ceil(1000 * max(1.0, (1e-5 / min(
         solver.get("rtol", 1e-5), solver.get("atol", 1e-5))) ** 0.2)), adaptive=True),
+    # The samplers after the paper: one evaluation per step (2S: two, but one for the last step, to sigma = 0).
+    "edm_lab.design.solvers.EulerAncestral": SolverKind(lambda n, solver: n, stochastic=_eta(1.0), churn=False),
+    "edm_lab.design.solvers.DPMSolverPP": SolverKind(lambda n, solver: n, churn=False),
+    "edm_lab.design.solvers.DPMSolverPP2S": SolverKind(lambda n, solver: 2 * n - 1, stochastic=_eta(0.0), churn=False),
+    "edm_lab.design.solvers.DPMSolverPP2MSDE": SolverKind(lambda n, solver: n, stochastic=_eta(1.0), churn=False),
+    "edm_lab.design.solvers.UniPC": SolverKind(lambda n, solver: n, churn=False),
+    "edm_lab.design.solvers.IPNDM": SolverKind(lambda n, solver: n, churn=False),
+    "edm_lab.design.solvers.DEIS": SolverKind(lambda n, solver: n, churn=False),
+    "edm_lab.design.solvers.LMS": SolverKind(lambda n, solver: n, churn=False),
 }
 
 
@@ -596,13 +644,26 @@ def _solver(cfg: DictConfig) -> SolverKind:
 
 
 def nfe_estimate(cfg: DictConfig, steps: int) -> int:
-    """Denoiser evaluations of one sample at `steps` steps (an adaptive solver's: a generous bound)."""
-    return _solver(cfg).evaluations(steps, _number(cfg, "solver") or {})
+    """Denoiser evaluations of one sample at `steps` steps (an adaptive solver's: a generous bound); a guided
+    denoiser evaluates two networks per call unless its weight leaves one alone (0 or 1)."""
+    return _solver(cfg).evaluations(steps, _number(cfg, "solver") or {}) * guidance_factor(cfg)
+
+
+def guidance_factor(cfg: DictConfig) -> int:
+    """Network evaluations per denoiser call under the configured guidance (edm_lab/design/guidance.py)."""
+    if not _number(cfg, "guidance._target_"):
+        return 1
+    return 1 if _number(cfg, "guidance.weight") in (0, 1) else 2
 
 
 def stochastic(cfg: DictConfig) -> bool:
     """Whether the configured sampler adds fresh noise (its solver, or churn)."""
-    return _solver(cfg).stochastic or (_number(cfg, "churn.S_churn") or 0) > 0
+    return _solver_noisy(cfg) or (_number(cfg, "churn.S_churn") or 0) > 0
+
+
+def _solver_noisy(cfg: DictConfig) -> bool:
+    """Whether the configured solver adds noise itself."""
+    return _solver(cfg).adds_noise(_number(cfg, "solver"))
 
 
 # RK45's evaluations per sample for the reference solution at rtol = atol = 1e-5, from sigma = 80 to 0.002,
@@ -613,10 +674,13 @@ RK45_REFERENCE_EVALUATIONS = 250.0
 
 
 def reference_evaluations(cfg: DictConfig) -> float:
-    """Denoiser evaluations of one sample's reference solution: Heun's 2N - 1 or RK45's estimate."""
+    """Denoiser evaluations of one sample's reference solution (of the guided denoiser, when guided): Heun's
+    2N - 1 or RK45's estimate."""
     if (_number(cfg, "metric.reference_solver") or "heun") == "rk45":
-        return RK45_REFERENCE_EVALUATIONS * (1e-5 / float(_number(cfg, "metric.reference_tolerance"))) ** 0.2
-    return 2.0 * int(_number(cfg, "metric.reference_steps")) - 1
+        calls = RK45_REFERENCE_EVALUATIONS * (1e-5 / float(_number(cfg, "metric.reference_tolerance"))) ** 0.2
+    else:
+        calls = 2.0 * int(_number(cfg, "metric.reference_steps")) - 1
+    return calls * guidance_factor(cfg)
 
 
 @dataclass(frozen=True)
