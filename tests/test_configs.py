@@ -82,7 +82,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     assert cfg.logger._target_.startswith("lightning.pytorch.loggers.")
     if cfg.trainer.accelerator == "cpu":
         instantiate(cfg.trainer)
-    assert cfg.task.name in ("sample", "train", "report", "paper", "fid_ref", "learn_steps")
+    assert cfg.task.name in ("sample", "train", "report", "paper", "fid_ref", "learn_steps", "likelihood")
 
 
 def test_wandb_logger_is_offline_by_default(tmp_path):

@@ -37,3 +37,27 @@ def test_without_a_terminal_there_is_no_bar_only_an_eta():
     progress.on_predict_batch_end(SimpleNamespace(world_size=1), None, None, torch.arange(25), 0)
     progress.close()
     assert out.getvalue() == "" and progress.eta().startswith("50%, ETA 0:")
+
+
+def test_closing_lines_name_a_sweep_s_csv_logs_by_their_folder(tmp_path):
+    """One line, whatever the number of jobs: a long sweep's CSV folders are not listed one by one."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from edm_lab.tasks.hydra_support import closing_lines
+    from edm_lab.track.tracking import TRACKER_RECORD
+
+    def jobs(n):
+        for i in range(n):
+            (tmp_path / str(n) / str(i)).mkdir(parents=True)
+            location = str(tmp_path / str(n) / str(i) / "csv" / "version_0")
+            (tmp_path / str(n) / str(i) / TRACKER_RECORD).write_text(
+                json.dumps({"computed": 1, "kind": "csv", "location": location}))
+        return tmp_path / str(n)
+
+    config = OmegaConf.create({"paths": {"results_dir": str(tmp_path / "results")}})
+    few = closing_lines(config, jobs(2), None)
+    assert few == [f"CSV logs: {tmp_path / '2' / '0' / 'csv' / 'version_0'}, {tmp_path / '2' / '1' / 'csv' / 'version_0'}"]
+    many = closing_lines(config, jobs(40), tmp_path / "report.md")
+    assert many == [f"CSV logs: 40 runs, <job>/csv/version_0 under {tmp_path / '40'}", f"report: {tmp_path / 'report.md'}"]

@@ -272,3 +272,13 @@ def test_sweeps_started_together_write_to_distinct_folders(tmp_path):
         markers = {p.read_text().split("+marker=")[1].split()[0]
                    for p in (tmp_path / "multirun" / sweep).rglob("overrides.yaml")}
         assert markers in ({"1", "10"}, {"2", "20"})  # both jobs of one sweep, in that sweep's folder
+
+
+def test_max_nfe_keeps_the_step_counts_within_the_budget(tmp_path):
+    """nfe=low: every step count whose NFE (as the solver counts them) is at most max_nfe; none fitting is refused."""
+    assert schema.steps(compose_cfg(tmp_path, "nfe=low", "solver=heun")) == [2, 3, 4, 5]  # 2N - 1 <= 10
+    assert schema.steps(compose_cfg(tmp_path, "nfe=low", "solver=dpmpp_2m")) == list(range(2, 11))
+    cfg = compose_cfg(tmp_path, "nfe=low", "solver=heun")
+    assert schema.workload(cfg).evaluations == cfg.num_samples * (3 + 5 + 7 + 9 + schema.RK45_REFERENCE_EVALUATIONS)
+    with pytest.raises(ConfigError, match=r"^nfe.max_nfe=2: no step count of nfe.steps=\[3,4\] fits"):
+        schema.check(compose_cfg(tmp_path, "solver=heun", "nfe.steps=[3,4]", "nfe.max_nfe=2"))

@@ -43,7 +43,8 @@ from edm_lab.track.store import ResultsStore
 __all__ = ["KNOWN_METRICS", "configurations", "default_metrics", "format_value", "line_styles", "markdown_table",
            "select_rows", "write_report", "main"]
 
-KNOWN_METRICS: tuple[str, ...] = ("fid", "fd_classifier", "fd_raw", "kid", "kid_classifier", "kid_raw", "sampler_rmse")
+KNOWN_METRICS: tuple[str, ...] = ("fid", "fd_classifier", "fd_raw", "kid", "kid_classifier", "kid_raw", "sampler_rmse",
+                                   "bits_per_dim")
 PLOT_SUFFIX = "_vs_nfe.png"
 KIMG_PLOT_SUFFIX = "_vs_kimg.png"
 MISSING = "—"

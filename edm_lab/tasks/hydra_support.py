@@ -159,7 +159,7 @@ def register_resolvers() -> None:
 # Folders each task writes (besides Hydra's job folder): probed before any work.
 WRITES = {"sample": ("results_dir", "cache_dir", "reports_dir"), "train": ("results_dir", "cache_dir", "reports_dir"),
           "fid_ref": ("cache_dir", "reports_dir"), "report": ("reports_dir",), "paper": ("reports_dir",),
-          "learn_steps": ("cache_dir",)}
+          "learn_steps": ("cache_dir",), "likelihood": ("results_dir", "reports_dir")}
 
 
 def preflight(cfg: DictConfig, job: str = "") -> None:
@@ -290,6 +290,10 @@ def run_task(cfg: DictConfig) -> Any:
         return regenerate_report(cfg)
     if name == "paper":
         return regenerate_paper(cfg)
+    if name == "likelihood":
+        from edm_lab.tasks.likelihood import run_likelihood
+
+        return run_likelihood(cfg, _choices(), sweep=sweep_id(), project_root=PROJECT_ROOT)
     if name == "learn_steps":
         from edm_lab.tasks.learn_steps import run_learn_steps
 
@@ -410,7 +414,11 @@ def closing_lines(config: DictConfig, folder: Path, report: Path | None, table: 
                        + (" and the sweep's table" if table else "") + f" in {where}"
                        + (f" (upload: `cd {where.parent} && wandb sync --yes`)" if offline else ""))
         else:
-            out.append(f"CSV logs: {', '.join(r['location'] for r in runs)}")
+            locations = [r["location"] for r in runs]
+            if len(locations) > 3:  # a sweep's: one per job, under the sweep's folder
+                out.append(f"CSV logs: {len(locations)} runs, <job>/csv/version_0 under {folder}")
+            else:
+                out.append(f"CSV logs: {', '.join(locations)}")
     elif records and not computed:
         out.append("tracker: no new run (nothing was computed)")
     if report is not None:
@@ -432,7 +440,7 @@ def _sweep_table(config: DictConfig, folder: Path, report: Path | None) -> str |
     return log_sweep_table(config.logger, rows, "/".join(folder.parts[-2:]), images)
 
 
-REPORTED_TASKS = ("sample", "train", "fid_ref")  # the tasks whose runs end with a report and closing lines
+REPORTED_TASKS = ("sample", "train", "fid_ref", "likelihood")  # the tasks whose runs end with a report and closing lines
 
 
 class RegenerateReport(Callback):

@@ -22,7 +22,7 @@ from edm_lab.design.discretizations import EDMDiscretization
 from edm_lab.evaluate.learned_steps import optimize_time_steps
 from edm_lab.nets.fast import FastPath, accelerate
 from edm_lab.tasks import schema
-from edm_lab.tasks.sample import guided
+from edm_lab.tasks.sample import guided, load_model
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def run_learn_steps(cfg: DictConfig) -> Path:
                                  f"use discretization=edm, not {type(disc).__name__}")
     dataset = instantiate(cfg.data)
     precond = instantiate(cfg.precond, _partial_=True)
-    net = guided(cfg, accelerate(instantiate(cfg.model)(dataset, precond), FastPath(**cfg.fast)), dataset, precond)
+    net = guided(cfg, accelerate(load_model(cfg, dataset), FastPath(**cfg.fast)), dataset, precond)
     device = instantiate(cfg.trainer).strategy.root_device
     net = net.to(device).eval() if hasattr(net, "to") else net
     t, metric = cfg.task, cfg.metric

@@ -119,11 +119,7 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     if cfg.export_images is not None and not dataset.is_image:
         raise ConfigError(f"export_images writes PNG files, but data {dataset.name!r} has samples shaped "
                           f"{tuple(dataset.sample_shape)}; set export_images=null")
-    try:
-        net = instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
-    except (ValueError, OSError, OfficialCheckpointError) as exc:  # a loader's refusal, naming the file: one line
-        key = f"model.path={cfg.model.path}" if "path" in cfg.model else f"model={choices.get('model')}"
-        raise ConfigError(f"{key}: {exc}") from exc
+    net = load_model(cfg, dataset, choices)
     net = guided(cfg, accelerate(net, FastPath(**cfg.fast)), dataset, instantiate(cfg.precond, _partial_=True))
     # FID weights are checked here, before any sampling; the data set's features are extracted on the
     # trainer's device (the Inception features of 50k images take hours on a CPU).
@@ -253,6 +249,15 @@ def build_frechet(cfg: DictConfig, dataset, device: torch.device | str | None = 
                                            OmegaConf.to_container(cfg.metric.extractor, resolve=True), cache_dir)
     frechet.load_reference_statistics(stats)
     return frechet
+
+
+def load_model(cfg: DictConfig, dataset, choices: Mapping[str, str] | None = None):
+    """The configured model inside the configured preconditioner; a loader's refusal is one line naming the key."""
+    try:
+        return instantiate(cfg.model)(dataset, instantiate(cfg.precond, _partial_=True))
+    except (ValueError, OSError, OfficialCheckpointError) as exc:  # a loader's refusal, naming the file: one line
+        key = f"model.path={cfg.model.path}" if "path" in cfg.model else f"model={(choices or {}).get('model')}"
+        raise ConfigError(f"{key}: {exc}") from exc
 
 
 def guided(cfg: DictConfig, net, dataset, precond):

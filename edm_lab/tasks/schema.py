@@ -349,6 +349,7 @@ PATHS: dict[str, Rule] = {
     "fast.channels_last": Bool(),
     "fast.tf32": Bool(),
     "nfe.steps": IntList(lo=1, min_len=1, example="[9,18]"),
+    "nfe.max_nfe": Int(lo=1, null=True),
     "limits.memory_gb": Real(gt=0, null=True),
     "limits.max_evaluations": Real(gt=0, null=True),
     "metric.name": Text(),
@@ -362,7 +363,15 @@ PATHS: dict[str, Rule] = {
     "metric.kid": Node(),  # null: off
     "metric.kid.subsets": COUNT,
     "metric.kid.subset_size": Int(lo=2),
-    "task.name": OneOf(choices=("sample", "train", "fid_ref", "report", "paper", "learn_steps")),
+    "task.name": OneOf(choices=("sample", "train", "fid_ref", "report", "paper", "learn_steps", "likelihood")),
+    "task.num_images": COUNT,
+    "task.dequantize": Bool(),
+    "task.sigma_min": POSITIVE,
+    "task.sigma_max": POSITIVE,
+    "task.divergence": OneOf(choices=("auto", "exact", "hutchinson")),
+    "task.probes": COUNT,
+    "task.rtol": POSITIVE,
+    "task.atol": POSITIVE,
     "task.train_seeds": COUNT,
     "task.heldout_seeds": COUNT,
     "task.iterations": COUNT,
@@ -531,6 +540,11 @@ def relation_problems(cfg: DictConfig) -> list[str]:
                    "churn is Algorithm 2's, for the paper's Runge-Kutta ODE solvers (euler, heun, midpoint, "
                    "ralston): use churn=none")
     steps = _number(cfg, "nfe.steps")
+    cap = _number(cfg, "nfe.max_nfe")
+    if _is_number(cap) and isinstance(steps, list) and all(isinstance(n, int) for n in steps) and not any(
+            nfe_estimate(cfg, n) <= cap for n in steps):
+        out.append(f"nfe.max_nfe={_show(cap)}: no step count of nfe.steps={_show(steps)} fits within it with "
+                   f"solver{_choice(cfg, 'solver')} ({_show([nfe_estimate(cfg, n) for n in steps])} evaluations)")
     if solver.adaptive and isinstance(steps, list) and len(set(steps)) > 1 and _number(cfg, "task.name") == "sample":
         out.append(f"nfe.steps={_show(steps)}: expected one step count with solver=rk45, which takes the steps its "
                    "tolerance asks for (the discretization fixes only where it starts and stops): e.g. nfe.steps=[18]")
@@ -697,12 +711,12 @@ def workload(cfg: DictConfig) -> Workload:
     Memory per sample: its features, its reference solution and the samples gathered for it
     (float64); per step: the noise-level grids.
     """
-    steps = [int(s) for s in _number(cfg, "nfe.steps")]
+    steps = _steps_within(cfg)
     num_samples, repeats = int(_number(cfg, "num_samples")), int(_number(cfg, "repeats"))
     reference = reference_evaluations(cfg) if _number(cfg, "metric.sampler_error") and not stochastic(cfg) else 0
     evaluations = float(repeats) * num_samples * (sum(nfe_estimate(cfg, s) for s in steps) + reference)
     elements = _sample_elements(cfg)
-    memory = 8.0 * num_samples * (_feature_dim(cfg, elements) + 3 * elements) + BYTES_PER_STEP * max(steps)
+    memory = 8.0 * num_samples * (_feature_dim(cfg, elements) + 3 * elements) + BYTES_PER_STEP * max(steps, default=0)
     return Workload(evaluations, memory)
 
 
@@ -761,6 +775,11 @@ def normalize(cfg: DictConfig) -> None:
 
 
 def steps(cfg: DictConfig) -> list[int]:
-    """The sorted, de-duplicated step counts of `nfe.steps` (after `check`)."""
-    return sorted(set(int(s) for s in cfg.nfe.steps))
+    """The sorted, de-duplicated step counts of `nfe.steps` whose NFE is within `nfe.max_nfe` (after `check`)."""
+    return _steps_within(cfg)
+
+
+def _steps_within(cfg: DictConfig) -> list[int]:
+    cap = _number(cfg, "nfe.max_nfe")
+    return sorted(set(int(s) for s in _number(cfg, "nfe.steps") if cap is None or nfe_estimate(cfg, int(s)) <= cap))
 
