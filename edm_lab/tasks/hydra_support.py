@@ -71,8 +71,8 @@ def unique_dir(base: str) -> str:
 
 
 # Groups `--help` lists, in this order (the axes first, as in the paper's Table 1); any other group follows.
-HELP_GROUPS = ("schedule", "scaling", "discretization", "solver", "churn", "precond", "nfe", "model", "net", "data",
-               "metric", "task", "noise", "weighting", "augment", "experiment", "sweeps", "trainer", "logger",
+HELP_GROUPS = ("schedule", "scaling", "discretization", "solver", "churn", "guidance", "precond", "nfe", "model", "net",
+               "data", "metric", "task", "noise", "weighting", "augment", "experiment", "sweeps", "trainer", "logger",
                "hydra/launcher")
 
 
