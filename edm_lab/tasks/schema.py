@@ -416,6 +416,7 @@ PATHS: dict[str, Rule] = {
     "net.attn_resolutions": _bounded_list("attn_resolutions", item=RESOLUTION),
     "net.augment_dim": _bounded("augment_dim"),
     "net.dropout": Real(ge=0, lt=1),
+    "net.label_dropout": Real(ge=0, lt=1),  # not in the presets: +net.label_dropout=0.1 trains for classifier-free guidance
 }
 """Rules of the plain keys, by dotted path; a key absent from the composed config is not checked."""
 
