@@ -416,7 +416,7 @@ def closing_lines(config: DictConfig, folder: Path, report: Path | None, table: 
         else:
             locations = [r["location"] for r in runs]
             if len(locations) > 3:  # a sweep's: one per job, under the sweep's folder
-                out.append(f"CSV logs: {len(locations)} runs, <job>/csv/version_0 under {folder}")
+                out.append(f"CSV logs: {len(locations)} runs, <job>/csv/version_0 under {os.path.abspath(folder)}")
             else:
                 out.append(f"CSV logs: {', '.join(locations)}")
     elif records and not computed:

@@ -24,7 +24,7 @@ from edm_lab.evaluate.likelihood import bits_per_dim
 from edm_lab.tasks import schema
 from edm_lab.tasks.sample import git_commit, load_model, make_label
 from edm_lab.track.store import ResultsStore, config_hash, write_manifest
-from edm_lab.track.tracking import record_run
+from edm_lab.track.tracking import configuration_group, finish_run, make_logger, record_run, run_config
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,14 @@ def run_likelihood(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "lo
            **{k: v for k, v in provenance.items() if k != "precond"}}
     store.write(row)
     write_manifest(cfg.paths.output_dir, [row])
-    record_run(cfg.paths.output_dir, None, 1)
+    logger = None
+    if cfg.get("logger"):  # one tracker run per configuration, grouped like its sampling runs
+        logger = make_logger(cfg.logger, name=label, job_type="likelihood", sweep=sweep,
+                             group=configuration_group(label, chash))
+        logger.log_hyperparams(run_config(cfg, choices, {"config_hash": chash, "label": label}))
+        logger.log_metrics({k: row[k] for k in ("bits_per_dim", "bits_per_dim_se", "nfe") if row[k] is not None})
+        finish_run(logger)
+    record_run(cfg.paths.output_dir, logger, 1)
     log.info("likelihood: %.4f +- %.4f bits/dim over %d images (mean NFE %.0f, %.1f s)", row["bits_per_dim"],
              row["bits_per_dim_se"] or 0.0, count, row["nfe"], row["seconds"])
     return row
