@@ -282,7 +282,17 @@ class RK45:
 # The samplers that came after the paper. All step x^ = x / s(t) between sigma_i = sigma(t_i); lambda = -log sigma.
 
 
-class EulerAncestral:
+class _Ancestral:
+    """The ancestral samplers' `eta` in [0, 1]: the share of each step's noise drawn afresh (0: deterministic)."""
+
+    def __init__(self, eta: float) -> None:
+        if not (math.isfinite(eta) and 0 <= eta <= 1):
+            raise ValueError(f"solver.eta must lie in [0, 1], got {eta}")
+        self.eta = eta
+        self.stochastic = eta > 0
+
+
+class EulerAncestral(_Ancestral):
     """The Euler ancestral sampler of Crowson's k-diffusion library (`sample_euler_ancestral`).
 
     Each step splits sigma_{i+1} into the level an Euler step in sigma reaches and fresh noise:
@@ -294,10 +304,7 @@ class EulerAncestral:
     """
 
     def __init__(self, eta: float = 1.0) -> None:
-        if not (math.isfinite(eta) and 0 <= eta <= 1):
-            raise ValueError(f"solver.eta must lie in [0, 1], got {eta}")
-        self.eta = eta
-        self.stochastic = eta > 0
+        super().__init__(eta)
 
     def __call__(self, p: Problem, x: Tensor) -> Tensor:
         _refuse_churn(p, self)
@@ -371,7 +378,7 @@ class DPMSolverPP:
         return f"DPMSolverPP(order={self.order}, lower_order_final={self.lower_order_final})"
 
 
-class DPMSolverPP2S:
+class DPMSolverPP2S(_Ancestral):
     """DPM-Solver++(2S), single-step 2nd order in data-prediction form (Lu et al. 2022, Algorithm 1, r = 1/2):
         sigma_s = sqrt(sigma_i sigma_{i+1}) (the midpoint in lambda),
         u = (sigma_s / sigma_i) x^ + (1 - sigma_s / sigma_i) D_i,
@@ -383,10 +390,7 @@ class DPMSolverPP2S:
     """
 
     def __init__(self, eta: float = 0.0) -> None:
-        if not (math.isfinite(eta) and 0 <= eta <= 1):
-            raise ValueError(f"solver.eta must lie in [0, 1], got {eta}")
-        self.eta = eta
-        self.stochastic = eta > 0
+        super().__init__(eta)
 
     def __call__(self, p: Problem, x: Tensor) -> Tensor:
         _refuse_churn(p, self)
