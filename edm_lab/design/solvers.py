@@ -283,13 +283,35 @@ class RK45:
 
 
 class _Ancestral:
-    """The ancestral samplers' `eta` in [0, 1]: the share of each step's noise drawn afresh (0: deterministic)."""
+    """The ancestral samplers: each step splits sigma_{i+1} into sigma_down, reached by the method's deterministic
+    `move`, and sigma_up of fresh noise (`_ancestral_split`); `eta` in [0, 1] is the share of noise drawn afresh
+    (0: deterministic). The last step adds no noise."""
 
     def __init__(self, eta: float) -> None:
         if not (math.isfinite(eta) and 0 <= eta <= 1):
             raise ValueError(f"solver.eta must lie in [0, 1], got {eta}")
         self.eta = eta
         self.stochastic = eta > 0
+
+    def move(self, p: Problem, x_hat: Tensor, denoised: Tensor, t_cur: Tensor, sigma: float,
+             sigma_down: float) -> Tensor:
+        """x^ at sigma_down from x^ at sigma, given D there."""
+        raise NotImplementedError
+
+    def __call__(self, p: Problem, x: Tensor) -> Tensor:
+        _refuse_churn(p, self)
+        sigma = p.sigma_host
+        x_hat = x / p.s(p.t_steps[0])
+        for i, t_cur, t_next in p.steps():
+            denoised = _denoise(p, x_hat, t_cur)
+            if i == p.num_steps - 1:
+                x = _last_step(p, self, x_hat, denoised, t_cur, t_next)
+                continue
+            sigma_down, sigma_up = _ancestral_split(sigma[i], sigma[i + 1], self.eta)
+            x_hat = self.move(p, x_hat, denoised, t_cur, sigma[i], sigma_down)
+            if self.stochastic:
+                x_hat = x_hat + sigma_up * p.randn_like(x_hat)
+        return x
 
 
 class EulerAncestral(_Ancestral):
@@ -306,20 +328,8 @@ class EulerAncestral(_Ancestral):
     def __init__(self, eta: float = 1.0) -> None:
         super().__init__(eta)
 
-    def __call__(self, p: Problem, x: Tensor) -> Tensor:
-        _refuse_churn(p, self)
-        sigma = p.sigma_host
-        x_hat = x / p.s(p.t_steps[0])
-        for i, t_cur, t_next in p.steps():
-            denoised = _denoise(p, x_hat, t_cur)
-            if i == p.num_steps - 1:
-                x = _last_step(p, self, x_hat, denoised, t_cur, t_next)
-                continue
-            sigma_down, sigma_up = _ancestral_split(sigma[i], sigma[i + 1], self.eta)
-            x_hat = denoised + sigma_down / sigma[i] * (x_hat - denoised)
-            if self.stochastic:
-                x_hat = x_hat + sigma_up * p.randn_like(x_hat)
-        return x
+    def move(self, p, x_hat, denoised, t_cur, sigma, sigma_down):
+        return denoised + sigma_down / sigma * (x_hat - denoised)
 
     def __repr__(self) -> str:
         return f"EulerAncestral(eta={self.eta:g})"
@@ -392,24 +402,12 @@ class DPMSolverPP2S(_Ancestral):
     def __init__(self, eta: float = 0.0) -> None:
         super().__init__(eta)
 
-    def __call__(self, p: Problem, x: Tensor) -> Tensor:
-        _refuse_churn(p, self)
-        sigma = p.sigma_host
-        x_hat = x / p.s(p.t_steps[0])
-        for i, t_cur, t_next in p.steps():
-            denoised = _denoise(p, x_hat, t_cur)
-            if i == p.num_steps - 1:
-                x = _last_step(p, self, x_hat, denoised, t_cur, t_next)
-                continue
-            sigma_down, sigma_up = _ancestral_split(sigma[i], sigma[i + 1], self.eta)
-            ratio = math.sqrt(sigma_down / sigma[i])  # sigma_s / sigma_i = e^{-h/2}
-            # The midpoint's t from the device's sigma(t_i): no host value is copied to the device.
-            t_mid = p.schedule.sigma_inv(p.sigma(t_cur) * ratio)
-            denoised_mid = _denoise(p, ratio * x_hat + (1 - ratio) * denoised, t_mid)
-            x_hat = ratio ** 2 * x_hat + (1 - ratio ** 2) * denoised_mid
-            if self.stochastic:
-                x_hat = x_hat + sigma_up * p.randn_like(x_hat)
-        return x
+    def move(self, p, x_hat, denoised, t_cur, sigma, sigma_down):
+        ratio = math.sqrt(sigma_down / sigma)  # sigma_s / sigma_i = e^{-h/2}
+        # The midpoint's t from the device's sigma(t_i): no host value is copied to the device.
+        t_mid = p.schedule.sigma_inv(p.sigma(t_cur) * ratio)
+        denoised_mid = _denoise(p, ratio * x_hat + (1 - ratio) * denoised, t_mid)
+        return ratio ** 2 * x_hat + (1 - ratio ** 2) * denoised_mid
 
     def __repr__(self) -> str:
         return f"DPMSolverPP2S(eta={self.eta:g})"
