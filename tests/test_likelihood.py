@@ -239,7 +239,7 @@ def test_dequantised_bits_per_dim_of_a_gaussian_model():
     expected = float(expected_nats.mean()) / math.log(2) + 7
     sem = float(bits.std()) / math.sqrt(n)
     assert abs(float(bits.mean()) - expected) < 4 * sem + 1e-5, (float(bits.mean()), expected, sem)
-    mean_bits, mean_sem = mean_bits_per_dim(data, image[:40], seeds=list(range(40)), batch_size=16, prior=prior)
+    mean_bits, mean_sem, _ = mean_bits_per_dim(data, image[:40], seeds=list(range(40)), batch_size=16, prior=prior)
     assert mean_bits == pytest.approx(float(bits[:40].mean()), abs=1e-9) and mean_sem > 0
 
 

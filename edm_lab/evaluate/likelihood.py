@@ -202,16 +202,18 @@ def bits_per_dim(denoiser: Denoiser, images: Tensor, *, seeds: Sequence[int], de
 
 
 def mean_bits_per_dim(denoiser: Denoiser, images: Tensor, *, seeds: Sequence[int], batch_size: int = 64,
-                      **kwargs) -> tuple[float, float]:
-    """Mean bits/dim over `images` (in batches; sample i uses seeds[i]) and its standard error."""
+                      **kwargs) -> tuple[float, float, float]:
+    """Mean bits/dim over `images` (in batches; sample i uses seeds[i]), its standard error (nan for one image)
+    and the mean NFE per image."""
     if len(seeds) != len(images):
         raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
     labels = kwargs.pop("class_labels", None)
-    bits = torch.cat([bits_per_dim(denoiser, images[i:i + batch_size], seeds=seeds[i:i + batch_size],
+    bits, nfe = zip(*(bits_per_dim(denoiser, images[i:i + batch_size], seeds=seeds[i:i + batch_size], with_nfe=True,
                                    class_labels=None if labels is None else labels[i:i + batch_size], **kwargs)
-                      for i in range(0, len(images), batch_size)])
+                      for i in range(0, len(images), batch_size)))
+    bits = torch.cat(bits)
     sem = float(bits.std() / math.sqrt(len(bits))) if len(bits) > 1 else math.nan
-    return float(bits.mean()), sem
+    return float(bits.mean()), sem, float(torch.cat(nfe).to(torch.float64).mean())
 
 
 _dequantize = dequantize  # `bits_per_dim` has a parameter of the same name

@@ -22,7 +22,7 @@ from edm_lab.design.discretizations import EDMDiscretization
 from edm_lab.evaluate.learned_steps import optimize_time_steps
 from edm_lab.nets.fast import FastPath, accelerate
 from edm_lab.tasks import schema
-from edm_lab.tasks.sample import guided, load_model
+from edm_lab.tasks.sample import guided, load_model, reference_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ def run_learn_steps(cfg: DictConfig) -> Path:
     device = instantiate(cfg.trainer).strategy.root_device
     net = net.to(device).eval() if hasattr(net, "to") else net
     t, metric = cfg.task, cfg.metric
-    tolerance = float(metric.reference_tolerance) if metric.get("reference_solver", "heun") == "rk45" else None
     dest = Path(str(t.dest)).expanduser()
     for num_steps in sorted({int(n) for n in cfg.nfe.steps}):
         result = optimize_time_steps(
@@ -51,7 +50,8 @@ def run_learn_steps(cfg: DictConfig) -> Path:
             heldout_seeds=range(HELDOUT_SEEDS, HELDOUT_SEEDS + int(t.heldout_seeds)),
             schedule=instantiate(cfg.schedule), scaling=instantiate(cfg.scaling), sigma_min=disc.sigma_min,
             sigma_max=disc.sigma_max, init_rho=float(disc.rho), iterations=int(t.iterations), lr=float(t.lr),
-            gradient=str(t.gradient), reference_steps=int(metric.reference_steps), reference_tolerance=tolerance,
+            gradient=str(t.gradient), reference_steps=int(metric.reference_steps),
+            reference_tolerance=reference_tolerance(cfg),
             batch_size=int(cfg.batch_size), noise=str(cfg.seed_noise), device=device,
             description={"data": dataset.name, "model": str(cfg.model.get("_target_"))})
         result.save(dest)

@@ -20,9 +20,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from edm_lab.evaluate.likelihood import bits_per_dim
+from edm_lab.evaluate.likelihood import mean_bits_per_dim
 from edm_lab.tasks import schema
-from edm_lab.tasks.sample import git_commit, load_model, make_label
+from edm_lab.tasks.sample import git_commit, label_head, load_model
 from edm_lab.track.store import ResultsStore, config_hash, write_manifest
 from edm_lab.track.tracking import configuration_group, finish_run, make_logger, record_run, run_config
 
@@ -73,22 +73,13 @@ def run_likelihood(cfg: DictConfig, choices: Mapping[str, str], sweep: str = "lo
         labels = torch.nn.functional.one_hot(dataset.labels[:count].long(), int(net.label_dim)).to(torch.float32)
     options = dict(sigma_min=float(t.sigma_min), sigma_max=float(t.sigma_max), divergence=str(t.divergence),
                    probes=int(t.probes), rtol=float(t.rtol), atol=float(t.atol))
-    start, bits, nfe = time.perf_counter(), [], []
-    for first in range(0, count, int(cfg.batch_size)):
-        stop = min(first + int(cfg.batch_size), count)
-        seeds = list(range(int(cfg.seed) + first, int(cfg.seed) + stop))
-        b, n = bits_per_dim(net, images[first:stop].to(device), seeds=seeds, with_nfe=True,
-                            class_labels=None if labels is None else labels[first:stop].to(device), **options)
-        bits.append(b.cpu())
-        nfe.append(n.cpu())
-        log.info("likelihood: %d of %d images, %.4f bits/dim so far", stop, count, float(torch.cat(bits).mean()))
-    bits_all, nfe_all = torch.cat(bits), torch.cat(nfe).to(torch.float64)
-    label = " ".join([make_label({**choices, **{a: "-" for a in ("schedule", "scaling", "discretization", "solver",
-                                                                   "churn")}}, [], provenance).split(" ")[0],
-                      "likelihood", *([f"dequantize={bool(t.dequantize)}".lower()] if not t.dequantize else [])])
+    start = time.perf_counter()
+    mean, sem, nfe = mean_bits_per_dim(net, images.to(device), seeds=list(range(int(cfg.seed), int(cfg.seed) + count)),
+                                       batch_size=int(cfg.batch_size),
+                                       class_labels=None if labels is None else labels.to(device), **options)
+    label = " ".join([label_head(choices, provenance), "likelihood", *([] if t.dequantize else ["dequantize=false"])])
     row = {"config_hash": chash, "label": label, "sweep": sweep, "task": "likelihood", "num_steps": 0, "repeat": 0,
-           "nfe": float(nfe_all.mean()), "bits_per_dim": float(bits_all.mean()),
-           "bits_per_dim_se": float(bits_all.std() / math.sqrt(count)) if count > 1 else None,
+           "nfe": nfe, "bits_per_dim": mean, "bits_per_dim_se": None if math.isnan(sem) else sem,
            "num_images": count, "seed": int(cfg.seed), "seconds": time.perf_counter() - start,
            **{k: choices.get(k) for k in ("data", "model", "precond")}, **options,
            "dequantize": bool(t.dequantize), "git_commit": git_commit(project_root),

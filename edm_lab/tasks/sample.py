@@ -88,6 +88,16 @@ def axis_params(axes: Mapping[str, Any]) -> dict[str, Any]:
             "S_churn": churn.S_churn, "S_min": churn.S_min, "S_max": churn.S_max, "S_noise": churn.S_noise}
 
 
+def label_head(choices: Mapping[str, str], provenance: Mapping[str, Any]) -> str:
+    """data/model/precond, a network model with its preset, a loaded one with its file."""
+    model = choices.get("model")
+    if provenance.get("checkpoint"):
+        model = f"{model}({Path(str(provenance['checkpoint'])).name})"
+    elif model == "network":
+        model = f"network({choices.get('net') or provenance.get('network')})"
+    return f"{choices.get('data')}/{model}/{choices.get('precond')}"
+
+
 def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str],
                provenance: Mapping[str, Any] | None = None) -> str:
     """Human name of a configuration: data/model/precond, then the sampling axes and other overrides.
@@ -95,12 +105,7 @@ def make_label(choices: Mapping[str, str], extra_overrides: Sequence[str],
     A network model shows its preset, a loaded one its file: `digits/network(ddpmpp_small)/edm`, `.../checkpoint(a.safetensors)/...`.
     """
     provenance = provenance or {}
-    model = choices.get("model")
-    if provenance.get("checkpoint"):
-        model = f"{model}({Path(str(provenance['checkpoint'])).name})"
-    elif model == "network":
-        model = f"network({choices.get('net') or provenance.get('network')})"
-    head = f"{choices.get('data')}/{model}/{choices.get('precond')}"
+    head = label_head(choices, provenance)
     axes = " ".join(f"{a}={choices.get(a)}" for a in AXES)
     guidance = [f"guidance={provenance['guidance']}(w={provenance['guidance_weight']:g})"] if provenance.get("guidance") else []
     return " ".join([head, axes, *guidance, *[o for o in extra_overrides if not o.startswith("guidance.weight=")]])
@@ -205,17 +210,16 @@ def run_sample(cfg: DictConfig, choices: Mapping[str, str], overrides: Sequence[
     return rows
 
 
-def reference_cost(cfg: DictConfig) -> float:
-    """Denoiser evaluations of one sample's reference solution: Heun's 2N - 1, or RK45's planning estimate
-    (`schema.reference_evaluations`)."""
-    return schema.reference_evaluations(cfg)
+def reference_tolerance(cfg: DictConfig) -> float | None:
+    """RK45's tolerance for the reference solution, or None for Heun with `metric.reference_steps`."""
+    rk45 = cfg.metric.get("reference_solver", "heun") == "rk45"
+    return float(cfg.metric.reference_tolerance) if rk45 else None
 
 
 def reference_method(cfg: DictConfig) -> str:
     """How the reference solution is computed, in words: "RK45, tolerance 1e-06" or "256 Heun steps"."""
-    if cfg.metric.get("reference_solver", "heun") == "rk45":
-        return f"RK45, tolerance {float(cfg.metric.reference_tolerance):g}"
-    return f"{int(cfg.metric.reference_steps)} Heun steps"
+    tolerance = reference_tolerance(cfg)
+    return f"{int(cfg.metric.reference_steps)} Heun steps" if tolerance is None else f"RK45, tolerance {tolerance:g}"
 
 
 def _export_root(cfg: DictConfig, identity: Mapping[str, Any], main: bool) -> Path | None:
@@ -413,7 +417,7 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
     """The same ODE solved with many Heun steps from the same seeds, cached across jobs."""
     # The model's provenance carries a checkpoint's content hash: a file replaced at the same path
     # must not reuse the old network's solution.
-    tolerance = float(cfg.metric.reference_tolerance) if cfg.metric.get("reference_solver", "heun") == "rk45" else None
+    tolerance = reference_tolerance(cfg)
     method = {"steps": cfg.metric.reference_steps} if tolerance is None else {"rk45_tolerance": repr(tolerance)}
     key = config_hash({"data": OmegaConf.to_container(cfg.data, resolve=True), "fingerprint": dataset.fingerprint,
                        "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -427,8 +431,9 @@ def _reference_solution(cfg: DictConfig, trainer, net, dataset, sigma_start: flo
         log.debug("reference solution: %s from sigma=%.4g, seeds from %d", reference_method(cfg), sigma_start,
                   first_seed)
         if progress is not None:  # planned only now: a cached solution costs nothing
-            progress.plan(float(cfg.num_samples) * reference_cost(cfg))
-            progress.begin(f"reference solution ({reference_method(cfg)})", reference_cost(cfg))
+            cost = schema.reference_evaluations(cfg)  # RK45's: a planning estimate
+            progress.plan(float(cfg.num_samples) * cost)
+            progress.begin(f"reference solution ({reference_method(cfg)})", cost)
         sampler = reference_sampler(sigma_start, int(cfg.metric.reference_steps), tolerance)
         module = SamplingModule(net, dataset.sample_shape, sampler, first_seed, noise=cfg.seed_noise)  # the points' latents
         # RK45's per-sample steps hand the network ever new batch shapes: compiled for fixed shapes, it
